@@ -1,0 +1,1 @@
+"""The Flask publish API: translates HTTP to enpipeline's publish service and back."""

@@ -1,0 +1,396 @@
+"""The ``enpipeline`` admin command line (its command names and flags are a contract for operators)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from enpipeline.config import ConfigError, Settings, load_settings
+
+
+class CliError(Exception):
+    """A problem the operator can fix; printed as one line without a traceback."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _engine(settings: Settings):
+    from enpipeline.db.engine import make_engine
+
+    return make_engine(settings.database_url, pool_size=2, max_overflow=0,
+                       connect_timeout=settings.db_connect_timeout, application_name="enpipeline-cli")
+
+
+def _parse_time(text: str | None, flag: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{flag} must be an ISO 8601 time such as 2026-01-31T00:00:00Z, got {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _split(values: Sequence[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out.extend(p.strip() for p in v.split(",") if p.strip())
+    return out
+
+
+def _print(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        print("(none)")
+        return
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+# -- db ----------------------------------------------------------------------------------------------
+
+def cmd_db_migrate(args: argparse.Namespace) -> None:
+    from enpipeline.db.migrate import migrate
+
+    settings = _settings()
+    applied = migrate(_engine(settings), now=_now(), retention=settings.retention,
+                      days_ahead=settings.partition_days_ahead)
+    print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}; schema is up to date")
+
+
+def cmd_db_status(args: argparse.Namespace) -> None:
+    from enpipeline.db.migrate import pending
+
+    waiting = pending(_engine(_settings()))
+    print("schema is up to date" if not waiting else "pending migrations: " + ", ".join(waiting))
+    if waiting:
+        raise SystemExit(1)
+
+
+# -- health authorities ------------------------------------------------------------------------------
+
+def _ha_or_fail(conn, issuer: str):
+    from enpipeline.db import authorities
+
+    ha = authorities.get_by_issuer(conn, issuer)
+    if ha is None:
+        raise CliError(f"no health authority with issuer {issuer!r}")
+    return ha
+
+
+def _read_public_key(path: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        pem = Path(path).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read --public-key {path}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except ValueError:
+        raise CliError(f"--public-key {path} is not a PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise CliError(f"--public-key {path} must be an ECDSA P-256 key (ES256)")
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def cmd_ha_add(args: argparse.Namespace) -> None:
+    from enpipeline.db import authorities
+
+    with _engine(_settings()).begin() as conn:
+        if authorities.get_by_issuer(conn, args.issuer):
+            raise CliError(f"a health authority with issuer {args.issuer!r} already exists")
+        ha_id = authorities.add_authority(conn, issuer=args.issuer, audience=args.audience, name=args.name,
+                                          jwks_uri=args.jwks_uri)
+    print(f"added health authority {ha_id} (issuer {args.issuer!r}); use its id with `enpipeline app add --id ...`")
+
+
+def cmd_ha_add_key(args: argparse.Namespace) -> None:
+    from enpipeline.db import authorities
+
+    pem = _read_public_key(args.public_key)
+    start = _parse_time(args.from_, "--from") or _now()
+    thru = _parse_time(args.thru, "--thru")
+    if thru is not None and thru <= start:
+        raise CliError("--thru must be after --from")
+    with _engine(_settings()).begin() as conn:
+        ha = _ha_or_fail(conn, args.issuer)
+        if any(k.version == args.version for k in ha.keys):
+            raise CliError(f"health authority {args.issuer!r} already has a key with version {args.version!r}")
+        authorities.add_key(conn, ha.id, version=args.version, public_key_pem=pem, from_timestamp=start,
+                            thru_timestamp=thru)
+    print(f"added key {args.version!r} to {args.issuer!r}, valid from {start.isoformat()}"
+          + (f" thru {thru.isoformat()}" if thru else ""))
+
+
+def _ha_row(ha) -> dict[str, Any]:
+    return {"id": ha.id, "issuer": ha.issuer, "audience": ha.audience, "name": ha.name,
+            "jwks_uri": ha.jwks_uri or "", "keys": ",".join(k.version for k in ha.keys)}
+
+
+def cmd_ha_list(args: argparse.Namespace) -> None:
+    from enpipeline.db import authorities
+
+    with _engine(_settings()).connect() as conn:
+        _print([_ha_row(ha) for ha in authorities.list_authorities(conn)], args.json)
+
+
+def cmd_ha_show(args: argparse.Namespace) -> None:
+    with _engine(_settings()).connect() as conn:
+        ha = _ha_or_fail(conn, args.issuer)
+    now = _now()
+    if args.json:
+        row = _ha_row(ha)
+        row["keys"] = [{"version": k.version, "from": k.from_timestamp, "thru": k.thru_timestamp,
+                        "active": k.is_valid_at(now), "public_key": k.public_key_pem} for k in ha.keys]
+        print(json.dumps(row, indent=2, default=str))
+        return
+    for name, value in _ha_row(ha).items():
+        if name != "keys":
+            print(f"{name}: {value}")
+    print("keys:")
+    _print([{"version": k.version, "from": k.from_timestamp.isoformat(),
+             "thru": k.thru_timestamp.isoformat() if k.thru_timestamp else "",
+             "active": k.is_valid_at(now)} for k in ha.keys], False)
+
+
+def cmd_ha_revoke_key(args: argparse.Namespace) -> None:
+    from enpipeline.db import authorities
+
+    at = _parse_time(args.at, "--at") or _now()
+    with _engine(_settings()).begin() as conn:
+        ha = _ha_or_fail(conn, args.issuer)
+        if not authorities.revoke_key(conn, ha.id, args.version, at):
+            raise CliError(f"no active key {args.version!r} for {args.issuer!r}")
+    print(f"key {args.version!r} of {args.issuer!r} is valid only until {at.isoformat()}")
+
+
+def cmd_ha_remove_key(args: argparse.Namespace) -> None:
+    from enpipeline.db import authorities
+
+    with _engine(_settings()).begin() as conn:
+        ha = _ha_or_fail(conn, args.issuer)
+        if not authorities.remove_key(conn, ha.id, args.version):
+            raise CliError(f"no key {args.version!r} for {args.issuer!r}")
+    print(f"removed key {args.version!r} of {args.issuer!r}")
+
+
+def cmd_ha_remove(args: argparse.Namespace) -> None:
+    from enpipeline.db import apps, authorities
+
+    with _engine(_settings()).begin() as conn:
+        ha = _ha_or_fail(conn, args.issuer)
+        users = [a.app_package_name for a in apps.list_apps(conn) if ha.id in a.allowed_health_authority_ids]
+        if users and not args.force:
+            raise CliError(f"apps still allow this health authority: {', '.join(users)} (use --force)")
+        authorities.remove_authority(conn, ha.id)
+    print(f"removed health authority {args.issuer!r} and its keys")
+
+
+# -- authorized apps ---------------------------------------------------------------------------------
+
+def cmd_app_add(args: argparse.Namespace) -> None:
+    from enpipeline.db import apps, authorities
+    from enpipeline.model import AuthorizedApp
+
+    app_id = args.id.strip().lower()
+    if not app_id:
+        raise CliError("--id must not be empty")
+    regions = [r.upper() for r in _split(args.regions)]
+    if not regions:
+        raise CliError("--regions needs at least one region, e.g. --regions US")
+    with _engine(_settings()).begin() as conn:
+        if apps.get_app(conn, app_id) and not args.replace:
+            raise CliError(f"app {app_id!r} already exists (use --replace to change it)")
+        ha_ids = []
+        for issuer in args.allow_issuer or []:
+            ha_ids.append(_ha_or_fail(conn, issuer).id)
+        if not ha_ids and not args.bypass_verification:
+            raise CliError("give at least one --allow-issuer (or --bypass-verification for testing)")
+        apps.upsert_app(conn, AuthorizedApp(
+            app_package_name=app_id, allowed_regions=tuple(regions), allowed_health_authority_ids=tuple(ha_ids),
+            bypass_health_authority_verification=args.bypass_verification,
+            bypass_revision_token=args.bypass_revision_token))
+    print(f"app {app_id!r} may publish to {','.join(regions)} with certificates from "
+          f"{', '.join(args.allow_issuer or []) or '(anyone: verification bypassed)'}")
+
+
+def _app_row(app, issuers: dict[int, str]) -> dict[str, Any]:
+    return {"id": app.app_package_name, "regions": ",".join(app.allowed_regions),
+            "issuers": ",".join(issuers.get(i, str(i)) for i in app.allowed_health_authority_ids),
+            "bypass_verification": app.bypass_health_authority_verification,
+            "bypass_revision_token": app.bypass_revision_token}
+
+
+def cmd_app_list(args: argparse.Namespace) -> None:
+    from enpipeline.db import apps, authorities
+
+    with _engine(_settings()).connect() as conn:
+        issuers = {ha.id: ha.issuer for ha in authorities.list_authorities(conn)}
+        _print([_app_row(a, issuers) for a in apps.list_apps(conn)], args.json)
+
+
+def cmd_app_show(args: argparse.Namespace) -> None:
+    from enpipeline.db import apps, authorities
+
+    with _engine(_settings()).connect() as conn:
+        app = apps.get_app(conn, args.id)
+        if app is None:
+            raise CliError(f"no app {args.id.lower()!r}")
+        issuers = {ha.id: ha.issuer for ha in authorities.list_authorities(conn)}
+    row = _app_row(app, issuers)
+    if args.json:
+        print(json.dumps(row, indent=2))
+    else:
+        for name, value in row.items():
+            print(f"{name}: {value}")
+
+
+def cmd_app_remove(args: argparse.Namespace) -> None:
+    from enpipeline.db import apps
+
+    with _engine(_settings()).begin() as conn:
+        if not apps.delete_app(conn, args.id):
+            raise CliError(f"no app {args.id.lower()!r}")
+    print(f"removed app {args.id.lower()!r}")
+
+
+# -- serving -----------------------------------------------------------------------------------------
+
+def cmd_api(args: argparse.Namespace) -> None:
+    import importlib
+
+    serve_api = importlib.import_module("api.serve").serve_api  # the CLI is the composition root
+
+    settings = _settings()
+    serve_api(settings, host=args.host, port=args.port, workers=args.workers, threads=args.threads)
+
+
+def cmd_local(args: argparse.Namespace) -> None:
+    from enpipeline import local
+
+    {"up": local.up, "down": local.down, "status": local.status}[args.action](Path(args.var_dir))
+
+
+# -- parser ------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enpipeline", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(group, name: str, func: Callable[[argparse.Namespace], None], help_: str):
+        p = group.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True, metavar="ACTION")
+    add(db, "migrate", cmd_db_migrate, "apply pending migrations and create upcoming day partitions")
+    add(db, "status", cmd_db_status, "list pending migrations (exit 1 if any)")
+
+    ha = sub.add_parser("health-authority", help="certificate issuers and their keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = add(ha, "add", cmd_ha_add, "register a health authority (certificate issuer)")
+    p.add_argument("--issuer", required=True)
+    p.add_argument("--audience", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--jwks-uri")
+    p = add(ha, "add-key", cmd_ha_add_key, "add a verification public key (ES256) to a health authority")
+    p.add_argument("--issuer", required=True)
+    p.add_argument("--version", required=True, help="the certificate's kid")
+    p.add_argument("--public-key", required=True, metavar="FILE.pem")
+    p.add_argument("--from", dest="from_", metavar="ISO", help="valid from (default now)")
+    p.add_argument("--thru", metavar="ISO", help="valid until (default open-ended)")
+    p = add(ha, "list", cmd_ha_list, "list health authorities")
+    p.add_argument("--json", action="store_true")
+    p = add(ha, "show", cmd_ha_show, "show one health authority with its keys")
+    p.add_argument("--issuer", required=True)
+    p.add_argument("--json", action="store_true")
+    p = add(ha, "revoke-key", cmd_ha_revoke_key, "end a key's validity (now or --at)")
+    p.add_argument("--issuer", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--at", metavar="ISO")
+    p = add(ha, "remove-key", cmd_ha_remove_key, "delete a key")
+    p.add_argument("--issuer", required=True)
+    p.add_argument("--version", required=True)
+    p = add(ha, "remove", cmd_ha_remove, "delete a health authority and its keys")
+    p.add_argument("--issuer", required=True)
+    p.add_argument("--force", action="store_true", help="even if apps still allow it")
+
+    app = sub.add_parser("app", help="authorized apps").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(app, "add", cmd_app_add, "authorize an app (healthAuthorityID) to publish")
+    p.add_argument("--id", required=True, metavar="HEALTH_AUTHORITY_ID", help="the healthAuthorityID apps send")
+    p.add_argument("--regions", required=True, action="append", help="US or US,CA")
+    p.add_argument("--allow-issuer", action="append", metavar="ISS", help="repeatable")
+    p.add_argument("--bypass-verification", action="store_true", help="accept publishes without a valid certificate")
+    p.add_argument("--bypass-revision-token", action="store_true", help="allow revisions without a token")
+    p.add_argument("--replace", action="store_true", help="overwrite an existing app")
+    p = add(app, "list", cmd_app_list, "list authorized apps")
+    p.add_argument("--json", action="store_true")
+    p = add(app, "show", cmd_app_show, "show one authorized app")
+    p.add_argument("--id", required=True)
+    p.add_argument("--json", action="store_true")
+    p = add(app, "remove", cmd_app_remove, "remove an authorized app")
+    p.add_argument("--id", required=True)
+
+    p = add(sub, "api", cmd_api, "serve the publish API with gunicorn")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=None, help="gunicorn worker processes (default 2 x CPUs + 1)")
+    p.add_argument("--threads", type=int, default=1, help="threads per worker")
+
+    p = add(sub, "local", cmd_local, "run the local stack on the embedded Postgres (used by make up/down)")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--var-dir", default="var")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"enpipeline: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"enpipeline: error: {exc}", file=sys.stderr)
+        return 1
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"enpipeline: error: cannot use the database in ENP_DATABASE_URL: {reason}", file=sys.stderr)
+        return 1
+    except ProgrammingError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"enpipeline: error: {reason} (has `enpipeline db migrate` run?)", file=sys.stderr)
+        return 1
+    except IntegrityError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"enpipeline: error: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

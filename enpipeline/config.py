@@ -1,0 +1,214 @@
+"""All enpipeline settings, read from ``ENP_*`` environment variables and validated in one place."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from enpipeline.durations import parse_duration
+
+
+class ConfigError(Exception):
+    """One or more settings are missing or invalid; the message names every offending variable."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def _secret(default: Any = None) -> Any:
+    return field(default=default, repr=False, metadata={"secret": True})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. Field ``foo_bar`` is read from ``ENP_FOO_BAR``."""
+
+    # Deployment
+    env: str = "local"  # local | production
+    database_url: str = field(default="", repr=False)
+    var_dir: Path = Path("var")
+    db_pool_size: int = 10
+    db_pool_max_overflow: int = 10
+    db_connect_timeout: timedelta = timedelta(seconds=10)
+
+    # Publish API (names and defaults are the reference server's)
+    maintenance_mode: bool = False
+    max_keys_on_publish: int = 30
+    max_same_start_interval_keys: int = 3
+    max_interval_age_on_publish: timedelta = timedelta(hours=360)
+    truncate_window: timedelta = timedelta(hours=1)
+    max_symptom_onset_days: int = 14
+    max_valid_symptom_onset_report_days: int = 28
+    default_symptom_onset_days_ago: int = 4
+    debug_release_same_day_keys: bool = False
+    response_padding_min_bytes: int = 1024
+    response_padding_range: int = 1024
+    allow_partial_revisions: bool = False
+    default_region: str = ""
+    chaff_request_max_latency_ms: int = 1000
+    authorized_app_cache_duration: timedelta = timedelta(minutes=5)
+    verification_cache_duration: timedelta = timedelta(minutes=5)
+    max_body_bytes: int = 64_000
+
+    # Revision tokens
+    revision_token_min_length: int = 28
+    revision_key_cache_duration: timedelta = timedelta(minutes=1)
+    revision_token_aad: bytes = _secret(b"")
+    revision_token_kek: bytes = _secret(b"")
+    revision_new_key_period: timedelta = timedelta(days=7)
+    revision_delete_old_key_period: timedelta = timedelta(days=15)
+
+    # Storage layout
+    partition_days_ahead: int = 3
+    retention: timedelta = timedelta(days=14)
+
+    def __repr__(self) -> str:  # secrets never reach logs
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr and not f.metadata.get("secret")
+        )
+        return f"Settings({shown})"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{name} must be true or false, got {raw!r}")
+    if kind is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if kind is timedelta:
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    if kind is bytes:
+        try:
+            return base64.b64decode(raw.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{name} must be standard base64") from None
+    if kind is Path:
+        return Path(raw)
+    return raw
+
+
+_KINDS = {"bool": bool, "int": int, "timedelta": timedelta, "bytes": bytes, "Path": Path, "str": str}
+
+
+def env_name(field_name: str) -> str:
+    return "ENP_" + field_name.upper()
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, require_database: bool = True,
+                  **overrides: Any) -> Settings:
+    """Read every ``ENP_*`` variable, validate, and report all problems at once."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+            continue
+        name = env_name(f.name)
+        if name not in environ:
+            continue
+        try:
+            values[f.name] = _convert(name, environ[name], _KINDS[str(f.type)])
+        except ValueError as exc:
+            problems.append(str(exc))
+    settings = Settings(**values)
+    problems.extend(_validate(settings, require_database))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _validate(s: Settings, require_database: bool) -> list[str]:
+    problems = []
+    if s.env not in ("local", "production"):
+        problems.append(f"ENP_ENV must be local or production, got {s.env!r}")
+    if require_database and not s.database_url:
+        problems.append("ENP_DATABASE_URL is not set (e.g. postgresql://user@host:5432/dbname)")
+    elif s.database_url and not s.database_url.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
+        problems.append("ENP_DATABASE_URL must be a postgresql:// URL")
+    positive = ["max_keys_on_publish", "max_same_start_interval_keys", "max_symptom_onset_days",
+                "max_valid_symptom_onset_report_days", "revision_token_min_length", "max_body_bytes",
+                "db_pool_size"]
+    for name in positive:
+        if getattr(s, name) <= 0:
+            problems.append(f"{env_name(name)} must be > 0")
+    non_negative = ["default_symptom_onset_days_ago", "response_padding_min_bytes", "response_padding_range",
+                    "chaff_request_max_latency_ms", "db_pool_max_overflow", "partition_days_ahead"]
+    for name in non_negative:
+        if getattr(s, name) < 0:
+            problems.append(f"{env_name(name)} must be >= 0")
+    if s.truncate_window <= timedelta(0):
+        problems.append("ENP_TRUNCATE_WINDOW must be a positive duration")
+    if s.max_interval_age_on_publish <= timedelta(0):
+        problems.append("ENP_MAX_INTERVAL_AGE_ON_PUBLISH must be a positive duration")
+    if not timedelta(0) < s.revision_key_cache_duration <= timedelta(minutes=60):
+        problems.append("ENP_REVISION_KEY_CACHE_DURATION must be > 0 and <= 60m")
+    if s.revision_token_kek and len(s.revision_token_kek) != 32:
+        problems.append("ENP_REVISION_TOKEN_KEK must be 32 bytes (base64 of an AES-256 key)")
+    if s.is_production:
+        if not s.revision_token_kek:
+            problems.append("ENP_REVISION_TOKEN_KEK is required in production (base64 of 32 random bytes)")
+        if not s.revision_token_aad:
+            problems.append("ENP_REVISION_TOKEN_AAD is required in production (base64)")
+    return problems
+
+
+def with_local_secrets(settings: Settings) -> Settings:
+    """Fill revision-token secrets for the local default, generated once and kept under ``var_dir``.
+
+    Production never gets here: ``load_settings`` already refused to start without them.
+    """
+    if settings.revision_token_kek and settings.revision_token_aad:
+        return settings
+    if settings.is_production:
+        raise ConfigError(["ENP_REVISION_TOKEN_KEK and ENP_REVISION_TOKEN_AAD are required in production"])
+    secrets_dir = settings.var_dir / "secrets"
+    kek = settings.revision_token_kek or _read_or_create(secrets_dir / "revision-token-kek", 32)
+    aad = settings.revision_token_aad or _read_or_create(secrets_dir / "revision-token-aad", 16)
+    return settings.replace(revision_token_kek=kek, revision_token_aad=aad)
+
+
+def _read_or_create(path: Path, size: int) -> bytes:
+    if path.exists():
+        return base64.b64decode(path.read_text().strip())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write(base64.b64encode(os.urandom(size)).decode())
+    # link() fails if the file exists, so two processes starting at once agree on one secret.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return base64.b64decode(path.read_text().strip())

@@ -1,0 +1,1 @@
+"""Every SQL statement enpipeline runs lives in this package (schema changes live in ``sql/``)."""

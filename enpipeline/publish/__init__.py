@@ -1,0 +1,1 @@
+"""The publish path: validate and transform uploaded TEKs, verify, revise, store."""

@@ -1,0 +1,92 @@
+"""Fixtures for tests on a real Postgres: ENP_TEST_DATABASE_URL when set, otherwise embedded pgserver."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from enpipeline.config import Settings
+from enpipeline.db import apps, authorities
+from enpipeline.db.engine import make_engine, normalize_url
+from enpipeline.db.migrate import migrate
+from enpipeline.model import AuthorizedApp
+from tests import support
+
+TABLES = "exposure, authorized_app, health_authority_key, health_authority, revision_key"
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a Postgres server's maintenance database."""
+    url = os.environ.get("ENP_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    server = pgserver.get_server(str(tmp_path_factory.mktemp("pgdata")), cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh database for this test session, dropped at the end."""
+    name = f"enp_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(normalize_url(server_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = make_url(normalize_url(server_url)).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(database_url=database_url, var_dir=tmp_path_factory.mktemp("var"),
+                    revision_token_kek=os.urandom(32), revision_token_aad=os.urandom(16))
+
+
+@pytest.fixture(scope="session")
+def migrated_engine(settings: Settings) -> Iterator[Engine]:
+    engine = make_engine(settings.database_url)
+    migrate(engine, now=datetime.now(UTC), retention=settings.retention, days_ahead=settings.partition_days_ahead)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(migrated_engine: Engine) -> Engine:
+    """The migrated database, emptied before each test."""
+    with migrated_engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+    return migrated_engine
+
+
+@pytest.fixture
+def ha_key():
+    return support.new_signing_key()
+
+
+@pytest.fixture
+def seeded(engine: Engine, ha_key) -> dict:
+    """One health authority with an active key and one app that trusts it (region US)."""
+    with engine.begin() as conn:
+        ha_id = authorities.add_authority(conn, issuer=support.ISSUER, audience=support.AUDIENCE, name="Test HA")
+        authorities.add_key(conn, ha_id, version=support.KID, public_key_pem=support.public_pem(ha_key),
+                            from_timestamp=datetime(2020, 1, 1, tzinfo=UTC))
+        apps.upsert_app(conn, AuthorizedApp(app_package_name=support.APP_ID, allowed_regions=("US",),
+                                            allowed_health_authority_ids=(ha_id,)))
+    return {"ha_id": ha_id, "key": ha_key, "cert": support.Certificate(key=ha_key)}

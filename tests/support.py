@@ -1,0 +1,102 @@
+"""Shared test helpers: certificates signed like a verification server's, publish bodies, seeding."""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from enpipeline.model import ExposureKeyInput
+from enpipeline.timeutil import interval_number, truncate
+from enpipeline.verification import compute_tekmacs
+
+ISSUER = "test-ha"
+AUDIENCE = "enpipeline-test"
+APP_ID = "com.example.test"
+KID = "v1"
+
+
+def new_signing_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def public_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def random_key_b64() -> str:
+    return base64.b64encode(os.urandom(16)).decode()
+
+
+def day_keys(now: datetime, days: int = 14, *, tr: int = 0, first_day_back: int = 1) -> list[ExposureKeyInput]:
+    """One full-day key per past UTC day, newest first: what a phone uploads after a positive test."""
+    today = interval_number(truncate(now, timedelta(days=1)))
+    return [ExposureKeyInput(random_key_b64(), today - 144 * d, 144, tr)
+            for d in range(first_day_back, first_day_back + days)]
+
+
+@dataclass
+class Certificate:
+    """Claims of a verification certificate; ``sign`` makes the JWT."""
+
+    key: ec.EllipticCurvePrivateKey
+    issuer: str = ISSUER
+    audience: Any = AUDIENCE
+    kid: Any = KID
+    report_type: str | None = "confirmed"
+    symptom_onset_interval: int | None = None
+    iat_offset: int = -1
+    exp_offset: int | None = 300
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def sign(self, keys: list[ExposureKeyInput], hmac_secret: bytes, now: datetime) -> str:
+        tekmac = base64.b64encode(compute_tekmacs(keys, hmac_secret)[0]).decode() if keys else ""
+        claims: dict[str, Any] = {"iss": self.issuer, "aud": self.audience,
+                                  "iat": int(now.timestamp()) + self.iat_offset, "tekmac": tekmac}
+        if self.exp_offset is not None:
+            claims["exp"] = int(now.timestamp()) + self.exp_offset
+        if self.report_type is not None:
+            claims["reportType"] = self.report_type
+        if self.symptom_onset_interval is not None:
+            claims["symptomOnsetInterval"] = self.symptom_onset_interval
+        claims.update(self.extra)
+        headers = {"kid": self.kid} if self.kid is not None else {}
+        return jwt.encode(claims, self.key, algorithm="ES256", headers=headers)
+
+
+def publish_body(keys: list[ExposureKeyInput], cert: Certificate | None, now: datetime, *,
+                 app_id: str = APP_ID, revision_token: str = "", traveler: bool = False,
+                 symptom_onset_interval: int | None = None, hmac_secret: bytes | None = None) -> dict[str, Any]:
+    """A v1 publish body exactly as an app built for the reference server sends it."""
+    hmac_secret = hmac_secret or os.urandom(16)
+    body: dict[str, Any] = {
+        "temporaryExposureKeys": [
+            {"key": k.key, "rollingStartNumber": k.rolling_start_number, "rollingPeriod": k.rolling_period,
+             **({"transmissionRisk": k.transmission_risk} if k.transmission_risk else {})}
+            for k in keys
+        ],
+        "healthAuthorityID": app_id,
+        "verificationPayload": cert.sign(keys, hmac_secret, now) if cert else "",
+        "hmacKey": base64.b64encode(hmac_secret).decode(),
+        "padding": base64.b64encode(os.urandom(64)).decode(),
+    }
+    if revision_token:
+        body["revisionToken"] = revision_token
+    if traveler:
+        body["traveler"] = True
+    if symptom_onset_interval is not None:
+        body["symptomOnsetInterval"] = symptom_onset_interval
+    return body
+
+
+def fixed_now() -> datetime:
+    """A stable 'now' in the middle of a UTC day, so day arithmetic in tests is predictable."""
+    today = truncate(datetime.now(UTC), timedelta(days=1))
+    return today + timedelta(hours=12, minutes=7, seconds=13)
