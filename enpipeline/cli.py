@@ -208,7 +208,7 @@ def cmd_ha_remove(args: argparse.Namespace) -> None:
 # -- authorized apps ---------------------------------------------------------------------------------
 
 def cmd_app_add(args: argparse.Namespace) -> None:
-    from enpipeline.db import apps, authorities
+    from enpipeline.db import apps
     from enpipeline.model import AuthorizedApp
 
     app_id = args.id.strip().lower()

@@ -139,7 +139,7 @@ def up(var: Path) -> None:
     if pid is None:
         for d in ("api_pid", "api_log"):
             p[d].parent.mkdir(parents=True, exist_ok=True)
-        log = open(p["api_log"], "ab")  # noqa: SIM115 (handed to the child)
+        log = open(p["api_log"], "ab")
         proc = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "enpipeline.cli", "api", "--host", API_HOST, "--port", str(API_PORT),
              "--workers", "3"],

@@ -376,10 +376,9 @@ def verify_certificate(
     kid = header["kid"]
 
     # 2. Issuer -> health authority (the caller passes a cached lookup).
-    try:
-        authority = lookup.get_by_issuer(claims.issuer)
-    except Exception as exc:  # the reference turns lookup failures into a rejection (401), not a 500
-        raise VerificationError(f"error looking up issuer: {claims.issuer} : {exc}") from exc
+    # A failing lookup (database down) propagates: the reference answers 401 there, which tells the
+    # app its certificate is bad and not to retry; the caller answers 500 so the app retries later.
+    authority = lookup.get_by_issuer(claims.issuer)
     if authority is None:
         raise VerificationError(f"issuer not found: {claims.issuer}")
 
