@@ -37,8 +37,11 @@ def _paths(var: Path) -> dict[str, Path]:
 
 def start_embedded_postgres(pgdata: Path) -> str:
     """Start (or reuse) the pgserver instance in ``pgdata`` and return its URL; it outlives this process."""
+    import logging
+
     import pgserver
 
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every start-up step at INFO
     pgdata.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(str(pgdata.resolve()), cleanup_mode=None)
     return server.get_uri()
