@@ -9,7 +9,6 @@ import hmac
 import json
 import math
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from enpipeline.cache import TTLCache
 from enpipeline.durations import format_duration
 from enpipeline.errors import VerificationError
 from enpipeline.model import VALID_REPORT_TYPES, AuthorizedApp, ExposureKeyInput, VerifiedClaims
@@ -82,12 +82,6 @@ class HealthAuthorityLookup(Protocol):
     def get_by_issuer(self, issuer: str) -> HealthAuthority | None: ...
 
 
-@dataclass
-class _CacheEntry:
-    value: HealthAuthority | None
-    expires_at: float
-
-
 class CachedHealthAuthorityLookup:
     """TTL cache in front of a lookup; "not found" (None) is cached too, exceptions are not."""
 
@@ -99,59 +93,14 @@ class CachedHealthAuthorityLookup:
         max_entries: int = 10_000,
     ) -> None:
         self._inner = inner
-        self._ttl = ttl.total_seconds()
-        self._clock = clock
         # `iss` comes from an unverified token, so unknown issuers must not grow the cache without bound.
-        self._max_entries = max_entries
-        self._lock = threading.Lock()
-        self._entries: dict[str, _CacheEntry] = {}
-        # One fill lock per issuer being loaded: concurrent misses for the same issuer hit the database
-        # once, while a slow lookup for one issuer does not block the others.
-        self._filling: dict[str, threading.Lock] = {}
+        self._cache: TTLCache[HealthAuthority | None] = TTLCache(ttl, clock, max_entries)
 
     def get_by_issuer(self, issuer: str) -> HealthAuthority | None:
-        with self._lock:
-            hit, value = self._fresh(issuer)
-            if hit:
-                return value
-            fill_lock = self._filling.setdefault(issuer, threading.Lock())
-        with fill_lock:
-            with self._lock:
-                hit, value = self._fresh(issuer)
-                if hit:
-                    return value
-            try:
-                value = self._inner.get_by_issuer(issuer)
-                with self._lock:
-                    self._store(issuer, value)
-            finally:
-                with self._lock:
-                    if self._filling.get(issuer) is fill_lock:
-                        del self._filling[issuer]
-        return value
+        return self._cache.get(issuer, lambda: self._inner.get_by_issuer(issuer))
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def _fresh(self, issuer: str) -> tuple[bool, HealthAuthority | None]:
-        entry = self._entries.get(issuer)
-        if entry is None:
-            return False, None
-        if self._clock() >= entry.expires_at:
-            del self._entries[issuer]
-            return False, None
-        return True, entry.value
-
-    def _store(self, issuer: str, value: HealthAuthority | None) -> None:
-        now = self._clock()
-        if len(self._entries) >= self._max_entries:
-            for key in [k for k, e in self._entries.items() if now >= e.expires_at]:
-                del self._entries[key]
-            while len(self._entries) >= self._max_entries:
-                # dicts keep insertion order: drop the oldest entry.
-                del self._entries[next(iter(self._entries))]
-        self._entries[issuer] = _CacheEntry(value, now + self._ttl)
+        self._cache.clear()
 
 
 # --- base64 -----------------------------------------------------------------------------------------
