@@ -293,7 +293,7 @@ def cmd_local(args: argparse.Namespace) -> None:
 # -- parser ------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="enpipeline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="enpipeline", description="Administer and run an enpipeline key server.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
