@@ -140,18 +140,24 @@ class PublishService:
             with self.engine.begin() as conn:
                 exposures_db.lock_keys(conn, incoming)
                 existing = exposures_db.read_for_update(conn, list(incoming))
-                to_insert: list[Exposure] = []
+                # As in the reference, every re-sent key passes the token checks before any revision
+                # rule runs, so a token error wins over a report-type or already-revised error.
+                accepted: dict[bytes, Exposure] = {}
                 for key, exp in incoming.items():
+                    stored = existing.get(key)
+                    if stored is not None and not app.bypass_revision_token and not revise_rules.check_token(
+                            stored, exp, token.state, token_keys,
+                            allow_partial=self.settings.allow_partial_revisions):
+                        result.dropped += 1
+                        continue
+                    accepted[key] = exp
+                to_insert: list[Exposure] = []
+                for key, exp in accepted.items():
                     stored = existing.get(key)
                     if stored is None:
                         touched.append(exp)  # new keys go into the token, negative ones included
                         if is_insertable(exp):
                             to_insert.append(exp)
-                        continue
-                    if not app.bypass_revision_token and not revise_rules.check_token(
-                            stored, exp, token.state, token_keys,
-                            allow_partial=self.settings.allow_partial_revisions):
-                        result.dropped += 1
                         continue
                     revised = revise_rules.revise(stored, exp)
                     if revised is None:
@@ -179,7 +185,13 @@ class PublishService:
             entries.setdefault(e.exposure_key, RevisableKey(e.exposure_key, e.interval_number, e.interval_count))
         if not entries:
             return ""
-        return self.codec.encrypt(list(entries.values()), now)
+        try:
+            return self.codec.encrypt(list(entries.values()), now)
+        except Exception as exc:
+            # The keys are already committed; like the reference, answer without a token rather than
+            # failing a publish that has been stored.
+            log.error("building the revision token failed: %s", type(exc).__name__)
+            return ""
 
 
 def _with_sorted_keys(request: PublishRequest) -> PublishRequest:

@@ -42,7 +42,7 @@ def api_server(settings, seeded, tmp_path):
     env.update(ENP_DATABASE_URL=settings.database_url, ENP_VAR_DIR=str(tmp_path),
                ENP_REVISION_TOKEN_KEK=base64.b64encode(settings.revision_token_kek).decode(),
                ENP_REVISION_TOKEN_AAD=base64.b64encode(settings.revision_token_aad).decode())
-    log = open(tmp_path / "api.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "api.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "enpipeline.cli", "api", "--host", "127.0.0.1", "--port",
                              str(port), "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
