@@ -37,13 +37,12 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.cleanup()
 
 
-@pytest.fixture(scope="session")
-def database_url(server_url: str) -> Iterator[str]:
-    """A fresh database for this test session, dropped at the end."""
-    name = f"enp_test_{uuid.uuid4().hex[:10]}"
+def _scratch_database(server_url: str, prefix: str) -> Iterator[str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(normalize_url(server_url), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        # template0: template1 may be in use by another session, which makes CREATE DATABASE fail.
+        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
     url = make_url(normalize_url(server_url)).set(database=name).render_as_string(hide_password=False)
     try:
         yield url
@@ -51,6 +50,18 @@ def database_url(server_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh database for this test session, dropped at the end."""
+    yield from _scratch_database(server_url, "enp_test")
+
+
+@pytest.fixture
+def empty_database_url(server_url: str) -> Iterator[str]:
+    """An empty, unmigrated database of its own, for tests that start from nothing."""
+    yield from _scratch_database(server_url, "enp_empty")
 
 
 @pytest.fixture(scope="session")

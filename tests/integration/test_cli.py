@@ -155,8 +155,7 @@ def test_configuration_problems_are_one_line_without_traceback(env, expected):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_unmigrated_database_says_what_to_do(server_url, monkeypatch, capsys):
-    monkeypatch.setenv("ENP_DATABASE_URL", server_url.replace("/postgres?", "/template1?")
-                       if "?" in server_url else server_url.rsplit("/", 1)[0] + "/template1")
+def test_unmigrated_database_says_what_to_do(empty_database_url, monkeypatch, capsys):
+    monkeypatch.setenv("ENP_DATABASE_URL", empty_database_url)
     assert main(["app", "list"]) == 1
     assert "has `enpipeline db migrate` run?" in capsys.readouterr().err

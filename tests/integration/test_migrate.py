@@ -6,27 +6,10 @@ import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta
 
-import pytest
 import sqlalchemy as sa
 
 from enpipeline.db import migrate as migrate_mod
-from enpipeline.db.engine import make_engine, normalize_url
-
-
-@pytest.fixture
-def fresh_db(server_url):
-    """An empty database of its own, for tests that watch migrate from scratch."""
-    import uuid
-
-    name = f"enp_mig_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(normalize_url(server_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(normalize_url(server_url)).set(database=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+from enpipeline.db.engine import make_engine
 
 
 def _partitions(engine) -> list[tuple[str, str]]:
@@ -37,8 +20,8 @@ def _partitions(engine) -> list[tuple[str, str]]:
         return [(r[0], r[1]) for r in rows]
 
 
-def test_migrate_applies_once_and_records_versions(fresh_db):
-    engine = make_engine(fresh_db)
+def test_migrate_applies_once_and_records_versions(empty_database_url):
+    engine = make_engine(empty_database_url)
     now = datetime(2026, 3, 10, 12, tzinfo=UTC)
     first = migrate_mod.migrate(engine, now=now, retention=timedelta(days=14), days_ahead=3)
     assert first == [m.version for m in migrate_mod.discover()]
@@ -51,8 +34,8 @@ def test_migrate_applies_once_and_records_versions(fresh_db):
     engine.dispose()
 
 
-def test_partitions_cover_retention_and_days_ahead_on_utc_boundaries(fresh_db):
-    engine = make_engine(fresh_db)
+def test_partitions_cover_retention_and_days_ahead_on_utc_boundaries(empty_database_url):
+    engine = make_engine(empty_database_url)
     now = datetime(2026, 3, 10, 23, 59, tzinfo=UTC)
     migrate_mod.migrate(engine, now=now, retention=timedelta(days=14), days_ahead=3)
     parts = dict(_partitions(engine))
@@ -75,8 +58,8 @@ def test_partitions_cover_retention_and_days_ahead_on_utc_boundaries(fresh_db):
     engine.dispose()
 
 
-def test_ensure_partitions_is_idempotent_and_counts_created(fresh_db):
-    engine = make_engine(fresh_db)
+def test_ensure_partitions_is_idempotent_and_counts_created(empty_database_url):
+    engine = make_engine(empty_database_url)
     now = datetime(2026, 3, 10, 12, tzinfo=UTC)
     migrate_mod.migrate(engine, now=now, retention=timedelta(days=14), days_ahead=1)
     with engine.begin() as conn:
@@ -86,21 +69,21 @@ def test_ensure_partitions_is_idempotent_and_counts_created(fresh_db):
     engine.dispose()
 
 
-def test_concurrent_migrate_from_several_processes(fresh_db):
+def test_concurrent_migrate_from_several_processes(empty_database_url):
     code = (
         "import sys; from datetime import UTC, datetime, timedelta;"
         "from enpipeline.db.engine import make_engine; from enpipeline.db.migrate import migrate;"
         "e = make_engine(sys.argv[1]);"
         "print(len(migrate(e, now=datetime.now(UTC), retention=timedelta(days=14), days_ahead=3)))"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code, fresh_db], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, empty_database_url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [r[1][-500:] for r in results]
     applied_counts = sorted(int(r[0].strip()) for r in results)
     # Exactly one process applied the migrations; the others found them done.
     assert applied_counts == [0, 0, 0, len(migrate_mod.discover())]
-    engine = make_engine(fresh_db)
+    engine = make_engine(empty_database_url)
     with engine.connect() as conn:
         n = conn.execute(sa.text("SELECT count(*) FROM schema_migrations")).scalar_one()
     assert n == len(migrate_mod.discover())
