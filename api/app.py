@@ -51,8 +51,12 @@ def _state() -> ApiState:
     return current_app.extensions["enpipeline"]
 
 
-def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    response = Response(json.dumps(payload), status=status, mimetype="application/json")
+def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None, *,
+          compact: bool = False) -> Response:
+    # Publish replies are compact like Go's encoding/json; /health and maintenance keep the reference's
+    # literal bodies (`{"status": "ok"}`, `{"error": "please try again later"}`).
+    body = json.dumps(payload, separators=(",", ":")) if compact else json.dumps(payload)
+    response = Response(body, status=status, mimetype="application/json")
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
@@ -62,7 +66,7 @@ def _respond(state: ApiState, status: int, **fields: Any) -> Response:
     s = state.settings
     payload = publish_response(padding=random_padding(s.response_padding_min_bytes, s.response_padding_range),
                                **fields)
-    return _json(status, payload, {"x-api-version": "v1"})
+    return _json(status, payload, {"x-api-version": "v1"}, compact=True)
 
 
 @bp.route("/v1/publish", methods=["POST"])
@@ -110,7 +114,7 @@ def _handle_publish(state: ApiState) -> Response:
     state.metrics.publishes.labels(outcome=code or "ok").inc()
     state.metrics.keys_inserted.inc(result.inserted)
     state.metrics.keys_revised.inc(result.revised)
-    return _respond(state, 200, revision_token=result.revision_token, inserted=result.inserted + result.revised,
+    return _respond(state, 200, revision_token=result.revision_token, inserted=result.inserted,
                     error=result.partial_failure, code=code, warnings=result.warnings)
 
 
@@ -122,12 +126,14 @@ def _chaff(state: ApiState, started: float) -> Response:
     payload = {"padding": random_padding(raw, 0)}
     time.sleep(state.chaff.delay_for(time.perf_counter() - started))
     state.metrics.publishes.labels(outcome="chaff").inc()
-    return _json(200, payload, {"x-api-version": "v1"})
+    return _json(200, payload, {"x-api-version": "v1"}, compact=True)
 
 
 @bp.route("/health")
 def health() -> Response:
     state = _state()
+    if state.settings.maintenance_mode:  # the reference's maintenance middleware covers /health too
+        return _json(429, {"error": "please try again later"})
     now = time.monotonic()
     if now - state.health_checked_at > HEALTH_CACHE_SECONDS:
         try:

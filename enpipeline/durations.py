@@ -28,7 +28,10 @@ def parse_duration(text: str) -> timedelta:
     for match in _PART.finditer(raw):
         if match.start() != pos:
             break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
+        try:
+            total += float(match.group(1)) * _UNITS[match.group(2)]
+        except OverflowError:  # e.g. 9999999999d: timedelta's range ends near 1e9 days
+            raise ValueError(f"duration {text!r} is out of range") from None
         pos = match.end()
     if pos == 0 or pos != len(raw):
         raise ValueError(f"invalid duration {text!r} (use e.g. 90s, 15m, 1h, 14d)")

@@ -68,7 +68,8 @@ class PublishService:
             raise PublishError(500, CODE_UNABLE_TO_LOAD_HEALTH_AUTHORITY,
                                "error loading health authority config: database unavailable") from exc
         if app is None:
-            raise PublishError(401, CODE_UNKNOWN_HEALTH_AUTHORITY, f"unauthorized health authority: {name}")
+            raise PublishError(401, CODE_UNKNOWN_HEALTH_AUTHORITY,
+                               f"unauthorized health authority: {health_authority_id}")
         return app
 
     def regions_for(self, app: AuthorizedApp) -> list[str]:

@@ -72,7 +72,8 @@ def _validate_key(index: int, key: ExposureKeyInput, settings: Settings, now: da
         raise ValueError(f"invalid interval count, {key.rolling_period}, must be >= 1 && <= {INTERVALS_PER_DAY}")
     min_interval = interval_number(now - settings.max_interval_age_on_publish)
     end = key.rolling_start_number + key.rolling_period
-    if end < min_interval:
+    # The reference rejects `validUntil <= min` (its message says ">=", which is off by one).
+    if end <= min_interval:
         raise ValueError(
             f"key expires before minimum window; {key.rolling_start_number} + {key.rolling_period} = {end}"
             f" which is too old, must be >= {min_interval}")
@@ -92,13 +93,7 @@ def _validate_key(index: int, key: ExposureKeyInput, settings: Settings, now: da
 def check_overlaps(exposures: list[Exposure], settings: Settings) -> None:
     """Keys of different start intervals must not overlap; at most N keys may share a start."""
     ordered = sorted(exposures, key=lambda e: (e.interval_number, e.interval_count))
-    per_start: dict[int, int] = {}
-    for e in ordered:
-        per_start[e.interval_number] = per_start.get(e.interval_number, 0) + 1
-    for start, n in per_start.items():
-        if n > settings.max_same_start_interval_keys:
-            raise ValueError(f"too many overlapping keys for start interval: {start} want: <= "
-                             f"{settings.max_same_start_interval_keys}, got: {n}")
+    # As in the reference, the overlap check runs first; the per-start count only after it passed.
     prev: Exposure | None = None
     for e in ordered:
         if prev is not None and e.interval_number != prev.interval_number:
@@ -109,6 +104,13 @@ def check_overlaps(exposures: list[Exposure], settings: Settings) -> None:
                     f"previous key that is good from {prev.interval_number} to {prev_end}.")
         # Within one start group the sort puts the longest key last; it defines the group's end.
         prev = e
+    per_start: dict[int, int] = {}
+    for e in ordered:
+        per_start[e.interval_number] = per_start.get(e.interval_number, 0) + 1
+    for start, n in per_start.items():
+        if n > settings.max_same_start_interval_keys:
+            raise ValueError(f"too many overlapping keys for start interval: {start} want: <= "
+                             f"{settings.max_same_start_interval_keys}, got: {n}")
 
 
 def transform(request: PublishRequest, *, app_name: str, regions: list[str], claims: VerifiedClaims | None,
@@ -136,7 +138,8 @@ def transform(request: PublishRequest, *, app_name: str, regions: list[str], cla
             continue
         dsos = days_between(onset, key.rolling_start_number)
         if abs(dsos) > settings.max_symptom_onset_days:
-            result.warnings.append(f"key {i} symptom onset is too large, {dsos} > "
+            # The reference prints the magnitude (Go float64 %v: "15", not "15.0" or "-15").
+            result.warnings.append(f"key {i} symptom onset is too large, {abs(dsos)} > "
                                    f"{settings.max_symptom_onset_days} - saving without this key")
             continue
         tr = key.transmission_risk
