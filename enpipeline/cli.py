@@ -357,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="gunicorn worker processes (default 2 x CPUs + 1)")
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
 
+    from enpipeline import cli_export
+
+    cli_export.register(sub, add)
+
     p = add(sub, "local", cmd_local, "run the local stack on the embedded Postgres (used by make up/down)")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--var-dir", default="var")

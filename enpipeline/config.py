@@ -6,12 +6,14 @@ import base64
 import binascii
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from enpipeline.blobstore import parse_blobstore_url
 from enpipeline.durations import parse_duration
 
 
@@ -69,6 +71,22 @@ class Settings:
     # Storage layout
     partition_days_ahead: int = 3
     retention: timedelta = timedelta(days=14)
+
+    # Blob storage for export files: file://PATH (relative or absolute), memory:// or gs://
+    blobstore: str = "file://var/blobs"
+
+    # Export (names as in the issue; defaults are the reference's)
+    export_min_records: int = 1000
+    export_padding_range: int = 100
+    export_max_records: int = 500_000
+    export_min_window_age: timedelta = timedelta(hours=2)
+    export_schedule: str = "0 * * * *"
+    export_zip_compresslevel: int = 6
+
+    # Export signing keys: filesystem (PEM files under key_dir) or gcpkms (Cloud KMS key ring)
+    key_manager: str = "filesystem"
+    key_dir: Path = Path("var/keys")
+    kms_key_ring: str = ""
 
     def __repr__(self) -> str:  # secrets never reach logs
         shown = ", ".join(
@@ -147,6 +165,9 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_database:
     return settings
 
 
+_KMS_KEY_RING = re.compile(r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+")
+
+
 def _validate(s: Settings, require_database: bool) -> list[str]:
     problems = []
     if s.env not in ("local", "production"):
@@ -166,12 +187,31 @@ def _validate(s: Settings, require_database: bool) -> list[str]:
     for name in non_negative:
         if getattr(s, name) < 0:
             problems.append(f"{env_name(name)} must be >= 0")
+    if s.export_min_records < 0 or s.export_padding_range < 0:
+        problems.append("ENP_EXPORT_MIN_RECORDS and ENP_EXPORT_PADDING_RANGE must be >= 0")
+    if s.export_max_records <= 0:
+        problems.append("ENP_EXPORT_MAX_RECORDS must be > 0")
+    if s.export_min_window_age < timedelta(0):
+        problems.append("ENP_EXPORT_MIN_WINDOW_AGE must not be negative")
+    if len(s.export_schedule.split()) != 5:
+        problems.append(f"ENP_EXPORT_SCHEDULE must be a 5-field cron expression, got {s.export_schedule!r}")
+    if not 0 <= s.export_zip_compresslevel <= 9:
+        problems.append("ENP_EXPORT_ZIP_COMPRESSLEVEL must be 0..9")
     if s.truncate_window <= timedelta(0):
         problems.append("ENP_TRUNCATE_WINDOW must be a positive duration")
     if s.max_interval_age_on_publish <= timedelta(0):
         problems.append("ENP_MAX_INTERVAL_AGE_ON_PUBLISH must be a positive duration")
     if not timedelta(0) < s.revision_key_cache_duration <= timedelta(minutes=60):
         problems.append("ENP_REVISION_KEY_CACHE_DURATION must be > 0 and <= 60m")
+    try:
+        parse_blobstore_url(s.blobstore, setting="ENP_BLOBSTORE")
+    except ValueError as exc:
+        problems.append(str(exc))
+    if s.key_manager not in ("filesystem", "gcpkms"):
+        problems.append(f"ENP_KEY_MANAGER must be filesystem or gcpkms, got {s.key_manager!r}")
+    if s.key_manager == "gcpkms" and not _KMS_KEY_RING.fullmatch(s.kms_key_ring):
+        problems.append("ENP_KMS_KEY_RING must be projects/<project>/locations/<location>/keyRings/<ring> "
+                        f"when ENP_KEY_MANAGER=gcpkms, got {s.kms_key_ring!r}")
     if s.revision_token_kek and len(s.revision_token_kek) != 32:
         problems.append("ENP_REVISION_TOKEN_KEK must be 32 bytes (base64 of an AES-256 key)")
     if s.is_production:

@@ -18,7 +18,8 @@ from enpipeline.db.migrate import migrate
 from enpipeline.model import AuthorizedApp
 from tests import support
 
-TABLES = "exposure, authorized_app, health_authority_key, health_authority, revision_key"
+TABLES = ("exposure, authorized_app, health_authority_key, health_authority, revision_key, export_file, "
+          "export_shard, export_batch, export_config, signature_info")
 
 
 @pytest.fixture(scope="session")
