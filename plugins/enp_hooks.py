@@ -112,3 +112,16 @@ def enp_database_url() -> str:
     # enpipeline pins its own driver (psycopg2); the hook would name psycopg3 when that is installed.
     url = url.set(drivername="postgresql").update_query_dict(libpq)
     return url.render_as_string(hide_password=False)
+
+
+def export_pipeline():
+    """An ExportPipeline wired to the enp_postgres / enp_blobstore Connections (or the ENP_* settings)."""
+    from enpipeline.config import load_settings
+    from enpipeline.db.engine import make_engine
+    from enpipeline.export.pipeline import ExportPipeline
+    from enpipeline.export.signing import key_manager_from_settings
+
+    url = enp_database_url()
+    settings = load_settings(require_database=False).replace(database_url=url)
+    engine = make_engine(url, pool_size=2, max_overflow=2, application_name="enpipeline-airflow")
+    return ExportPipeline(settings, engine, blobstore_for_airflow(), key_manager_from_settings(settings))

@@ -179,10 +179,17 @@ def ensure_batch(conn: Connection, cfg: ExportConfigRow, start: datetime, end: d
     return get_batch_for(conn, cfg.config_id, start, end)
 
 
-def get_batch_for(conn: Connection, config_id: int, start: datetime, end: datetime) -> BatchRow:
+def find_batch(conn: Connection, config_id: int, start: datetime, end: datetime) -> BatchRow | None:
     row = conn.execute(sa.text(f"SELECT {_B_COLS} FROM export_batch WHERE config_id = :c AND start_timestamp = :s"
-                               " AND end_timestamp = :e"), {"c": config_id, "s": start, "e": end}).one()
-    return _batch(row)
+                               " AND end_timestamp = :e"), {"c": config_id, "s": start, "e": end}).first()
+    return _batch(row) if row else None
+
+
+def get_batch_for(conn: Connection, config_id: int, start: datetime, end: datetime) -> BatchRow:
+    batch = find_batch(conn, config_id, start, end)
+    if batch is None:
+        raise LookupError(f"no export batch for config {config_id} window {start.isoformat()}..{end.isoformat()}")
+    return batch
 
 
 def get_batch(conn: Connection, batch_id: int, *, for_update: bool = False) -> BatchRow:

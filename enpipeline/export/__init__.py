@@ -1,0 +1,43 @@
+"""Export file format (export.bin / export.sig / zip), reading, verification and signing keys."""
+
+from enpipeline.export.format import (
+    ALGORITHM_ECDSA_P256_SHA256,
+    EXPORT_HEADER,
+    REPORT_TYPE_CODES,
+    ExportHeader,
+    ExportKey,
+    KeyColumns,
+    ParsedExport,
+    ParsedSignature,
+    SignatureInfo,
+    VerifiedSignature,
+    build_export_zip,
+    build_zip,
+    encode_export_bin,
+    encode_export_sig,
+    load_public_key,
+    read_export,
+    summarize,
+    verify_export,
+)
+
+__all__ = [
+    "ALGORITHM_ECDSA_P256_SHA256",
+    "EXPORT_HEADER",
+    "REPORT_TYPE_CODES",
+    "ExportHeader",
+    "ExportKey",
+    "KeyColumns",
+    "ParsedExport",
+    "ParsedSignature",
+    "SignatureInfo",
+    "VerifiedSignature",
+    "build_export_zip",
+    "build_zip",
+    "encode_export_bin",
+    "encode_export_sig",
+    "load_public_key",
+    "read_export",
+    "summarize",
+    "verify_export",
+]
