@@ -193,9 +193,9 @@ def cmd_export_run(args: argparse.Namespace) -> None:
         print("nothing to write (the window is already exported; --force rewrites it)" if result["stats"] is None
               else "no keys in this window: no file")
     if result["stats"] is not None:
-        from enpipeline.export.stats import render
-
-        print(render(result["stats"]))
+        stats = result["stats"]
+        print(f"batch {result['batch_id']} complete: {stats['keys']} keys ({stats.get('padding_keys', 0)} padding),"
+              f" {stats['revised_keys']} revised, {stats['files']} file(s), {stats['bytes']} bytes")
 
 
 def cmd_export_verify(args: argparse.Namespace) -> None:

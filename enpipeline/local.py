@@ -126,8 +126,10 @@ def up(var: Path) -> None:
 
     var = var.resolve()
     p = _paths(var)
-    embedded = not os.environ.get("ENP_DATABASE_URL")
-    url = start_embedded_postgres(p["pgdata"]) if embedded else os.environ["ENP_DATABASE_URL"]
+    given = os.environ.get("ENP_DATABASE_URL", "")
+    # A URL naming our own pgdata socket (e.g. after sourcing var/enp.env) still means the embedded server.
+    embedded = not given or str(p["pgdata"]) in given
+    url = start_embedded_postgres(p["pgdata"]) if embedded else given
     os.environ["ENP_DATABASE_URL"] = url
     os.environ.setdefault("ENP_VAR_DIR", str(var))
     settings = load_settings()

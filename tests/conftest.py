@@ -102,3 +102,23 @@ def seeded(engine: Engine, ha_key) -> dict:
         apps.upsert_app(conn, AuthorizedApp(app_package_name=support.APP_ID, allowed_regions=("US",),
                                             allowed_health_authority_ids=(ha_id,)))
     return {"ha_id": ha_id, "key": ha_key, "cert": support.Certificate(key=ha_key)}
+
+
+@pytest.fixture
+def cli(engine, settings, monkeypatch, capsys, tmp_path):
+    """Run `enpipeline ARGS...` in-process against the test database; returns (exit code, stdout, stderr)."""
+    from enpipeline.cli import main
+
+    monkeypatch.setenv("ENP_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("ENP_KEY_DIR", str(tmp_path / "keys"))
+    monkeypatch.setenv("ENP_BLOBSTORE", f"file://{tmp_path / 'blobs'}")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # commands that report a verdict through the exit status
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -152,10 +152,12 @@ class BatchRow:
     exclude_regions: tuple[str, ...]
     max_records: int
     file_count: int | None
+    padding_key_count: int | None = None
 
 
 _B_COLS = ("batch_id, config_id, start_timestamp, end_timestamp, status, bucket_name, filename_root, output_region,"
-           " input_regions, include_travelers, only_non_travelers, exclude_regions, max_records, file_count")
+           " input_regions, include_travelers, only_non_travelers, exclude_regions, max_records, file_count,"
+           " padding_key_count")
 
 
 def _batch(row: sa.Row) -> BatchRow:

@@ -284,7 +284,7 @@ class ExportPipeline:
                     continue
                 stats = merge_stats([f.stats for f in files])
                 stats.update(files=len(files), bytes=sum(f.bytes for f in files),
-                             filenames=[f.filename for f in files])
+                             padding_keys=batch.padding_key_count or 0, filenames=[f.filename for f in files])
                 export_db.set_batch_complete(conn, batch_id, stats, now)
                 done[batch_id] = stats
             log.info("batch %d %s %s..%s complete:\n%s", batch_id, batch.filename_root,

@@ -15,18 +15,6 @@ from tests import support
 
 
 @pytest.fixture
-def cli(engine, settings, monkeypatch, capsys):
-    monkeypatch.setenv("ENP_DATABASE_URL", settings.database_url)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
-@pytest.fixture
 def pem_file(tmp_path: Path, ha_key) -> Path:
     path = tmp_path / "ha.pem"
     path.write_text(support.public_pem(ha_key))
