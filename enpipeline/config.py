@@ -158,6 +158,10 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_database:
             values[f.name] = _convert(name, environ[name], _KINDS[str(f.type)])
         except ValueError as exc:
             problems.append(str(exc))
+    # Local state defaults follow ENP_VAR_DIR, so one variable moves all of it.
+    var_dir = values.get("var_dir", Settings.var_dir)
+    values.setdefault("key_dir", Path(var_dir) / "keys")
+    values.setdefault("blobstore", f"file://{Path(var_dir) / 'blobs'}")
     settings = Settings(**values)
     problems.extend(_validate(settings, require_database))
     if problems:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from enpipeline.config import Settings
 from enpipeline.db import apps, authorities
-from enpipeline.db.engine import make_engine, normalize_url
+from enpipeline.db.admin import scratch_database
+from enpipeline.db.engine import make_engine
 from enpipeline.db.migrate import migrate
 from enpipeline.model import AuthorizedApp
 from tests import support
@@ -38,31 +38,18 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.cleanup()
 
 
-def _scratch_database(server_url: str, prefix: str) -> Iterator[str]:
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(normalize_url(server_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        # template0: template1 may be in use by another session, which makes CREATE DATABASE fail.
-        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
-    url = make_url(normalize_url(server_url)).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A fresh database for this test session, dropped at the end."""
-    yield from _scratch_database(server_url, "enp_test")
+    with scratch_database(server_url, "enp_test") as url:
+        yield url
 
 
 @pytest.fixture
 def empty_database_url(server_url: str) -> Iterator[str]:
     """An empty, unmigrated database of its own, for tests that start from nothing."""
-    yield from _scratch_database(server_url, "enp_empty")
+    with scratch_database(server_url, "enp_empty") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -341,36 +341,6 @@ def _filters(batch: BatchRow, time_col: str) -> tuple[str, dict[str, Any]]:
     return " AND ".join(where), params
 
 
-def count_primary(conn: Connection, batch: BatchRow) -> tuple[int, int]:
-    """(real keys, padding keys) whose created_at is in the batch window and that match its filters."""
-    where, params = _filters(batch, "created_at")
-    row = conn.execute(sa.text(
-        f"SELECT count(*) FILTER (WHERE app_package_name IS DISTINCT FROM '{GENERATED_APP}'),"
-        f" count(*) FILTER (WHERE app_package_name = '{GENERATED_APP}') FROM exposure WHERE {where}"), params).one()
-    return int(row[0]), int(row[1])
-
-
-def count_revised(conn: Connection, batch: BatchRow) -> int:
-    where, params = _filters(batch, "revised_at")
-    return int(conn.execute(sa.text(f"SELECT count(*) FROM exposure WHERE revised_at IS NOT NULL AND {where}"),
-                            params).scalar_one())
-
-
-def keys_at_positions(conn: Connection, batch: BatchRow, revised: bool, positions: Sequence[int]) -> dict[int, bytes]:
-    """The key at each 0-based position of the window's key-sorted list (shard boundaries)."""
-    if not positions:
-        return {}
-    col = "revised_at" if revised else "created_at"
-    where, params = _filters(batch, col)
-    if revised:
-        where = "revised_at IS NOT NULL AND " + where
-    params["positions"] = list(positions)
-    rows = conn.execute(sa.text(
-        f"SELECT pos, exposure_key FROM (SELECT exposure_key, row_number() OVER (ORDER BY exposure_key) - 1 AS pos"
-        f" FROM exposure WHERE {where}) ranked WHERE pos = ANY(:positions)"), params)
-    return {int(r.pos): bytes(r.exposure_key) for r in rows}
-
-
 def padding_sources(conn: Connection, batch: BatchRow) -> list[sa.Row]:
     """Real primary keys of the window (metadata only is cloned), in key order."""
     where, params = _filters(batch, "created_at")
@@ -407,11 +377,9 @@ class KeyArrays:
     dsos_present: np.ndarray
 
 
-def read_shard_keys(conn: Connection, batch: BatchRow, *, revised: bool, key_from: bytes | None,
-                    key_to: bytes | None) -> KeyArrays:
-    """Keys of one shard slice as numpy columns, read with a binary COPY (the export hot path)."""
-    col = "revised_at" if revised else "created_at"
-    where, params = _filters(batch, col)
+def _window_where(batch: BatchRow, revised: bool, key_from: bytes | None = None, key_to: bytes | None = None
+                  ) -> tuple[str, dict[str, Any]]:
+    where, params = _filters(batch, "revised_at" if revised else "created_at")
     if revised:
         where = "revised_at IS NOT NULL AND " + where
     if key_from is not None:
@@ -420,16 +388,15 @@ def read_shard_keys(conn: Connection, batch: BatchRow, *, revised: bool, key_fro
     if key_to is not None:
         where += " AND exposure_key < :key_to"
         params["key_to"] = key_to
-    if revised:
-        # The revision's own TR: the reference exported the original TR with the revised report type.
-        select = (f"exposure_key, COALESCE(revised_transmission_risk, transmission_risk), interval_number,"
-                  f" interval_count, ({REPORT_TYPE_SQL.format(col='revised_report_type')})::int2,"
-                  f" COALESCE(revised_days_since_symptom_onset, 0),"
-                  f" revised_days_since_symptom_onset IS NOT NULL")
-    else:
-        select = (f"exposure_key, transmission_risk, interval_number, interval_count,"
-                  f" ({REPORT_TYPE_SQL.format(col='report_type')})::int2, COALESCE(days_since_symptom_onset, 0),"
-                  f" days_since_symptom_onset IS NOT NULL")
+    return where, params
+
+
+def _copy_rows(conn: Connection, select: str, where: str, params: dict[str, Any], dtype: np.dtype) -> np.ndarray:
+    """Rows of ``SELECT select FROM exposure WHERE where`` through a binary COPY, viewed as ``dtype``.
+
+    Every selected column is NOT NULL and fixed-width, so each row has the same layout and numpy can view
+    the stream without a per-row Python loop.
+    """
     cursor = conn.connection.driver_connection.cursor()
     try:
         # COPY takes no bind parameters: psycopg2 quotes them into the statement instead.
@@ -440,10 +407,40 @@ def read_shard_keys(conn: Connection, batch: BatchRow, *, revised: bool, key_fro
     finally:
         cursor.close()
     data = buf.getbuffer()
-    n = (len(data) - _COPY_HEADER - 2) // _ROW_DTYPE.itemsize
-    rows = np.frombuffer(data, dtype=_ROW_DTYPE, count=n, offset=_COPY_HEADER)
-    if n and (rows["nfields"] != 7).any():
+    n = (len(data) - _COPY_HEADER - 2) // dtype.itemsize
+    rows = np.frombuffer(data, dtype=dtype, count=n, offset=_COPY_HEADER)
+    if n and (rows["nfields"] != len(dtype.names) // 2).any():
         raise RuntimeError("unexpected COPY row layout")
+    return rows
+
+
+_KEY_DTYPE = np.dtype([("nfields", ">i2"), ("l_key", ">i4"), ("key", "u1", (16,)),
+                       ("l_generated", ">i4"), ("generated", "u1")])
+
+
+def read_window_keys(conn: Connection, batch: BatchRow, *, revised: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(keys as an (n, 16) uint8 array, is-padding flags) of the window: one cheap read to count and split."""
+    where, params = _window_where(batch, revised)
+    rows = _copy_rows(conn, f"exposure_key, app_package_name IS NOT DISTINCT FROM '{GENERATED_APP}'", where, params,
+                      _KEY_DTYPE)
+    return np.ascontiguousarray(rows["key"]), rows["generated"].astype(bool)
+
+
+def read_shard_keys(conn: Connection, batch: BatchRow, *, revised: bool, key_from: bytes | None,
+                    key_to: bytes | None) -> KeyArrays:
+    """Keys of one shard slice as numpy columns, read with a binary COPY (the export hot path)."""
+    where, params = _window_where(batch, revised, key_from, key_to)
+    if revised:
+        # The revision's own TR: the reference exported the original TR with the revised report type.
+        select = (f"exposure_key, COALESCE(revised_transmission_risk, transmission_risk), interval_number,"
+                  f" interval_count, ({REPORT_TYPE_SQL.format(col='revised_report_type')})::int2,"
+                  f" COALESCE(revised_days_since_symptom_onset, 0),"
+                  f" revised_days_since_symptom_onset IS NOT NULL")
+    else:
+        select = (f"exposure_key, transmission_risk, interval_number, interval_count,"
+                  f" ({REPORT_TYPE_SQL.format(col='report_type')})::int2, COALESCE(days_since_symptom_onset, 0),"
+                  f" days_since_symptom_onset IS NOT NULL")
+    rows = _copy_rows(conn, select, where, params, _ROW_DTYPE)
     return KeyArrays(
         key=np.ascontiguousarray(rows["key"]),
         transmission_risk=rows["tr"].astype(np.int64),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy.engine import Connection, Engine
 
 from enpipeline.blobstore import Blobstore
@@ -62,6 +63,14 @@ class ExportError(Exception):
 
 def object_name(root: str, start: datetime, end: datetime, file_num: int) -> str:
     return f"{root}/{int(start.timestamp())}-{int(end.timestamp())}-{file_num:05d}.zip"
+
+
+def sorted_keys(keys: np.ndarray) -> np.ndarray:
+    """An (n, 16) uint8 key array in ascending byte order (what bytea comparison in Postgres gives)."""
+    if len(keys) < 2:
+        return keys
+    halves = np.ascontiguousarray(keys).view(">u8").reshape(-1, 2)
+    return keys[np.lexsort((halves[:, 1], halves[:, 0]))]
 
 
 def plan_shards(primary: int, revised: int, max_records: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -144,11 +153,15 @@ class ExportPipeline:
             batch = export_db.get_batch(conn, batch.batch_id, for_update=True)
             if batch.status in ("DEL_PEND", "DELETED") or (batch.status == "COMPLETE" and not force):
                 return [], batch.batch_id
-            real, generated = export_db.count_primary(conn, batch)
+            keys, is_padding = export_db.read_window_keys(conn, batch, revised=False)
+            real, generated = int((~is_padding).sum()), int(is_padding.sum())
             padding = self._pad(conn, batch, real, generated)
-            primary = real + generated + padding
-            revised = export_db.count_revised(conn, batch)
-            shards = self._shard_rows(conn, batch, primary, revised)
+            if padding:
+                keys, _ = export_db.read_window_keys(conn, batch, revised=False)
+            primary_keys = sorted_keys(keys)
+            revised_keys = sorted_keys(export_db.read_window_keys(conn, batch, revised=True)[0])
+            primary, revised = len(primary_keys), len(revised_keys)
+            shards = self._shard_rows(batch, primary_keys, revised_keys)
             export_db.replace_shards(conn, batch.batch_id, shards)
             export_db.set_batch_planned(conn, batch.batch_id, key_count=primary, revised_key_count=revised,
                                         padding_key_count=generated + padding, file_count=len(shards))
@@ -192,20 +205,21 @@ class ExportPipeline:
         exposures_db.insert_exposures(conn, fakes)
         return need
 
-    def _shard_rows(self, conn: Connection, batch: export_db.BatchRow, primary: int, revised: int
+    def _shard_rows(self, batch: export_db.BatchRow, primary_keys: np.ndarray, revised_keys: np.ndarray
                     ) -> list[export_db.ShardRow]:
-        plan = plan_shards(primary, revised, batch.max_records)
-        p_positions = sorted({p for (a, b), _ in plan for p in (a, b) if 0 < p < primary})
-        r_positions = sorted({p for _, (c, d) in plan for p in (c, d) if 0 < p < revised})
-        p_keys = export_db.keys_at_positions(conn, batch, False, p_positions)
-        r_keys = export_db.keys_at_positions(conn, batch, True, r_positions)
+        """Shard boundaries as keys: file k holds the key-sorted slice [from, to) of each list."""
+        primary, revised = len(primary_keys), len(revised_keys)
+
+        def bound(keys: np.ndarray, position: int, size: int) -> bytes | None:
+            return keys[position].tobytes() if 0 < position < size else None
+
         rows = []
-        for num, ((a, b), (c, d)) in enumerate(plan, start=1):
+        for num, ((a, b), (c, d)) in enumerate(plan_shards(primary, revised, batch.max_records), start=1):
             rows.append(export_db.ShardRow(
                 batch_id=batch.batch_id, shard_num=num,
-                primary_from=p_keys.get(a) if a > 0 else None, primary_to=p_keys.get(b) if b < primary else None,
+                primary_from=bound(primary_keys, a, primary), primary_to=bound(primary_keys, b, primary),
                 has_primary=b > a,
-                revised_from=r_keys.get(c) if c > 0 else None, revised_to=r_keys.get(d) if d < revised else None,
+                revised_from=bound(revised_keys, c, revised), revised_to=bound(revised_keys, d, revised),
                 has_revised=d > c))
         return rows
 
