@@ -22,6 +22,8 @@ DEMO_AUDIENCE = "enpipeline"
 DEMO_APP = "com.example.enpipeline.demo"
 DEMO_KID = "v1"
 DEMO_REGION = "US"
+DEMO_SIGNING_KEY = "demo-us-v1"
+DEMO_EXPORT_CONFIG = "us"
 
 
 def _paths(var: Path) -> dict[str, Path]:
@@ -104,7 +106,33 @@ def _seed_demo(settings, var: Path) -> None:
         if apps.get_app(conn, DEMO_APP) is None:
             apps.upsert_app(conn, AuthorizedApp(app_package_name=DEMO_APP, allowed_regions=(DEMO_REGION,),
                                                 allowed_health_authority_ids=(ha_id,)))
+    _seed_export(settings, engine)
     engine.dispose()
+
+
+def _seed_export(settings, engine) -> None:
+    """A signing key and an hourly export config for the demo region."""
+    from enpipeline.db import export as export_db
+    from enpipeline.export.format import ALGORITHM_ECDSA_P256_SHA256
+    from enpipeline.export.signing import key_manager_from_settings
+
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        info = export_db.get_signature_info(conn, DEMO_SIGNING_KEY)
+        if info is None:
+            ref = key_manager_from_settings(settings).create_signing_key(DEMO_SIGNING_KEY)
+            sig_id = export_db.add_signature_info(
+                conn, name=DEMO_SIGNING_KEY, signing_key=ref, key_id="310", key_version="v1",
+                algorithm=ALGORITHM_ECDSA_P256_SHA256, from_timestamp=now - timedelta(days=1), thru_timestamp=None,
+                now=now)
+        else:
+            sig_id = info.id
+        if export_db.get_export_config(conn, name=DEMO_EXPORT_CONFIG) is None:
+            export_db.add_export_config(conn, export_db.ExportConfigRow(
+                config_id=0, name=DEMO_EXPORT_CONFIG, bucket_name="exports", filename_root="exposureKeyExport-US",
+                period_seconds=3600, output_region=DEMO_REGION, input_regions=(), include_travelers=True,
+                only_non_travelers=False, exclude_regions=(), max_records_override=None, signature_info_ids=(sig_id,),
+                from_timestamp=now - timedelta(days=14), thru_timestamp=None, disabled=False))
 
 
 def _wait_healthy(url: str, timeout: float) -> bool:
@@ -162,7 +190,9 @@ def up(var: Path) -> None:
     print(f"  health     http://{API_HOST}:{API_PORT}/health   metrics: /metrics   OpenAPI: /openapi.json")
     print(f"  logs       {p['api_log']}")
     print(f"  demo       app {DEMO_APP!r} (region {DEMO_REGION}), issuer {DEMO_ISSUER!r} kid {DEMO_KID!r},"
-          f" signing key {p['demo_key']}")
+          f" certificate key {p['demo_key']}")
+    print(f"  export     config {DEMO_EXPORT_CONFIG!r} (hourly, signing key {DEMO_SIGNING_KEY!r}); files under"
+          f" {settings.blobstore}/exports/exposureKeyExport-US/")
     print(f"  admin CLI  set -a; . {p['env']}; set +a; .venv/bin/enpipeline app list")
     print(f"  try it     .venv/bin/python -m enpipeline.local publish-demo {var}")
     print("  stop       make down")
