@@ -32,8 +32,13 @@ SCHEDULE = os.environ.get("ENP_EXPORT_SCHEDULE", "0 * * * *")
 
 
 def _interval() -> tuple:
+    """The run's data interval; a run without one (a manual trigger with no logical date) has no windows."""
     context = get_current_context()
-    return context["data_interval_start"], context["data_interval_end"]
+    start, end = context.get("data_interval_start"), context.get("data_interval_end")
+    if start is None or end is None:
+        raise ValueError("en_export needs a data interval: trigger it with a logical date (the run exports the "
+                         "interval that ends at or before it), or use `airflow dags test` / `airflow backfill`")
+    return start, end
 
 
 @dag(
@@ -59,7 +64,8 @@ def en_export():
         from plugins.enp_hooks import export_pipeline
 
         start, end = _interval()
-        result = export_pipeline().plan_interval(start, end, pendulum.now("UTC"))
+        with export_pipeline() as pipeline:
+            result = pipeline.plan_interval(start, end, pendulum.now("UTC"))
         if result.failures:
             raise RuntimeError("export planning failed for config(s): "
                                + "; ".join(f"{name}: {why}" for name, why in result.failures.items()))
@@ -71,16 +77,17 @@ def en_export():
         from enpipeline.export.pipeline import ShardTask
         from plugins.enp_hooks import export_pipeline
 
-        return export_pipeline().export_shard(ShardTask.from_dict(shard), pendulum.now("UTC"))
+        with export_pipeline() as pipeline:
+            return pipeline.export_shard(ShardTask.from_dict(shard), pendulum.now("UTC"))
 
     @task(trigger_rule="none_failed")
     def finalize() -> dict:
         from plugins.enp_hooks import export_pipeline
 
         start, end = _interval()
-        pipeline = export_pipeline()
-        batch_ids = pipeline.batches_for_interval(start, end)
-        done = pipeline.finalize(batch_ids, pendulum.now("UTC"))
+        with export_pipeline() as pipeline:
+            batch_ids = pipeline.batches_for_interval(start, end)
+            done = pipeline.finalize(batch_ids, pendulum.now("UTC"))
         return {"batches": len(batch_ids), "completed": len(done),
                 "keys": sum(s.get("keys", 0) for s in done.values()),
                 "files": sum(s.get("files", 0) for s in done.values())}

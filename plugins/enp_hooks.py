@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,8 @@ from enpipeline.blobstore import (
 if TYPE_CHECKING:  # Airflow and the Google provider are imported inside the functions: nothing heavy at parse time
     from airflow.providers.google.cloud.hooks.gcs import GCSHook
     from airflow.sdk import Connection
+
+    from enpipeline.export.pipeline import ExportPipeline
 
 BLOBSTORE_CONN_ID = "enp_blobstore"
 POSTGRES_CONN_ID = "enp_postgres"
@@ -114,8 +118,13 @@ def enp_database_url() -> str:
     return url.render_as_string(hide_password=False)
 
 
-def export_pipeline():
-    """An ExportPipeline wired to the enp_postgres / enp_blobstore Connections (or the ENP_* settings)."""
+@contextmanager
+def export_pipeline() -> Iterator[ExportPipeline]:
+    """An ExportPipeline wired to the enp_postgres / enp_blobstore Connections (or the ENP_* settings).
+
+    A context manager: its engine is disposed on exit, so a task leaves no connection behind even when many
+    tasks share one process (``dag.test()`` runs them all in-process).
+    """
     from enpipeline.config import load_settings
     from enpipeline.db.engine import make_engine
     from enpipeline.export.pipeline import ExportPipeline
@@ -124,4 +133,7 @@ def export_pipeline():
     url = enp_database_url()
     settings = load_settings(require_database=False).replace(database_url=url)
     engine = make_engine(url, pool_size=2, max_overflow=2, application_name="enpipeline-airflow")
-    return ExportPipeline(settings, engine, blobstore_for_airflow(), key_manager_from_settings(settings))
+    try:
+        yield ExportPipeline(settings, engine, blobstore_for_airflow(), key_manager_from_settings(settings))
+    finally:
+        engine.dispose()

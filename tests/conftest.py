@@ -109,3 +109,4 @@ def cli(engine, settings, monkeypatch, capsys, tmp_path):
         return code, out, err
 
     return run
+
