@@ -88,6 +88,7 @@ class Exposure:
     export_import_id: int | None = None
     import_file_id: int | None = None
     revised_import_file_id: int | None = None
+    padding_seq: int | None = None  # only export padding keys: see sql/0003
 
 
 @dataclass(frozen=True)

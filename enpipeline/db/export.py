@@ -153,11 +153,12 @@ class BatchRow:
     max_records: int
     file_count: int | None
     padding_key_count: int | None = None
+    padding_seq_max: int = 0
 
 
 _B_COLS = ("batch_id, config_id, start_timestamp, end_timestamp, status, bucket_name, filename_root, output_region,"
            " input_regions, include_travelers, only_non_travelers, exclude_regions, max_records, file_count,"
-           " padding_key_count")
+           " padding_key_count, padding_seq_max")
 
 
 def _batch(row: sa.Row) -> BatchRow:
@@ -206,17 +207,34 @@ def lock_batch(conn: Connection, batch_id: int) -> None:
                  {"b": batch_id})
 
 
+def lock_planning(conn: Connection) -> None:
+    """Serialise batch planning (padding creation) across processes, until the transaction ends."""
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('enp_export_plan'))"))
+
+
+def next_padding_seqs(conn: Connection, n: int) -> list[int]:
+    return list(conn.execute(sa.text("SELECT nextval('exposure_padding_seq') FROM generate_series(1, :n)"),
+                             {"n": n}).scalars())
+
+
+def padding_seq_high_water(conn: Connection) -> int:
+    """The highest padding number handed out so far (call it under lock_planning)."""
+    last, called = conn.execute(sa.text("SELECT last_value, is_called FROM exposure_padding_seq")).one()
+    return int(last) if called else 0
+
+
 def lock_index(conn: Connection, config_id: int) -> None:
     conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('enp_export_index'), CAST(:c AS INTEGER))"),
                  {"c": config_id})
 
 
 def set_batch_planned(conn: Connection, batch_id: int, *, key_count: int, revised_key_count: int,
-                      padding_key_count: int, file_count: int) -> None:
+                      padding_key_count: int, file_count: int, padding_seq_max: int) -> None:
     conn.execute(sa.text(
         "UPDATE export_batch SET status = 'PENDING', key_count = :k, revised_key_count = :r, padding_key_count = :p,"
-        " file_count = :f, completed_at = NULL WHERE batch_id = :b"),
-        {"k": key_count, "r": revised_key_count, "p": padding_key_count, "f": file_count, "b": batch_id})
+        " file_count = :f, padding_seq_max = :seq, completed_at = NULL WHERE batch_id = :b"),
+        {"k": key_count, "r": revised_key_count, "p": padding_key_count, "f": file_count, "seq": padding_seq_max,
+         "b": batch_id})
 
 
 def set_batch_complete(conn: Connection, batch_id: int, stats: dict[str, Any], now: datetime) -> None:
@@ -377,11 +395,16 @@ class KeyArrays:
     dsos_present: np.ndarray
 
 
-def _window_where(batch: BatchRow, revised: bool, key_from: bytes | None = None, key_to: bytes | None = None
-                  ) -> tuple[str, dict[str, Any]]:
+def _window_where(batch: BatchRow, revised: bool, key_from: bytes | None = None, key_to: bytes | None = None,
+                  *, planned: bool = False) -> tuple[str, dict[str, Any]]:
     where, params = _filters(batch, "revised_at" if revised else "created_at")
     if revised:
         where = "revised_at IS NOT NULL AND " + where
+    elif planned:
+        # Only the padding that existed when the batch was planned (sql/0003).
+        where += (f" AND (app_package_name IS DISTINCT FROM '{GENERATED_APP}'"
+                  " OR COALESCE(padding_seq, 0) <= :padding_seq_max)")
+        params["padding_seq_max"] = batch.padding_seq_max
     if key_from is not None:
         where += " AND exposure_key >= :key_from"
         params["key_from"] = key_from
@@ -429,7 +452,7 @@ def read_window_keys(conn: Connection, batch: BatchRow, *, revised: bool) -> tup
 def read_shard_keys(conn: Connection, batch: BatchRow, *, revised: bool, key_from: bytes | None,
                     key_to: bytes | None) -> KeyArrays:
     """Keys of one shard slice as numpy columns, read with a binary COPY (the export hot path)."""
-    where, params = _window_where(batch, revised, key_from, key_to)
+    where, params = _window_where(batch, revised, key_from, key_to, planned=True)
     if revised:
         # The revision's own TR: the reference exported the original TR with the revised report type.
         select = (f"exposure_key, COALESCE(revised_transmission_risk, transmission_risk), interval_number,"

@@ -31,6 +31,7 @@ exposure = sa.Table(
     sa.Column("export_import_id", sa.BigInteger),
     sa.Column("import_file_id", sa.BigInteger),
     sa.Column("revised_import_file_id", sa.BigInteger),
+    sa.Column("padding_seq", sa.BigInteger),
 )
 
 EXPOSURE_COLUMNS = [c.name for c in exposure.columns]

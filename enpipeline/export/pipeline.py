@@ -148,6 +148,8 @@ class ExportPipeline:
         max_records = cfg.max_records_override or self.settings.export_max_records
         stale: list[str] = []
         with self.engine.begin() as conn:
+            # One plan at a time: the padding a plan sees and creates is then exactly what its shards read.
+            export_db.lock_planning(conn)
             batch = export_db.ensure_batch(conn, cfg, start, end, max_records, now)
             export_db.lock_batch(conn, batch.batch_id)
             batch = export_db.get_batch(conn, batch.batch_id, for_update=True)
@@ -164,7 +166,8 @@ class ExportPipeline:
             shards = self._shard_rows(batch, primary_keys, revised_keys)
             export_db.replace_shards(conn, batch.batch_id, shards)
             export_db.set_batch_planned(conn, batch.batch_id, key_count=primary, revised_key_count=revised,
-                                        padding_key_count=generated + padding, file_count=len(shards))
+                                        padding_key_count=generated + padding, file_count=len(shards),
+                                        padding_seq_max=export_db.padding_seq_high_water(conn))
             # A re-plan with fewer files than before (only possible if keys were deleted) drops the extras.
             stale = [f.filename for f in export_db.files_of_batch(conn, batch.batch_id) if f.batch_num > len(shards)]
             if stale:
@@ -193,15 +196,16 @@ class ExportPipeline:
             return 0
         sources = export_db.padding_sources(conn, batch)
         created_at = max(r.created_at for r in sources)
+        seqs = export_db.next_padding_seqs(conn, need)
         fakes = []
-        for i in range(need):
+        for i, seq in enumerate(seqs):
             src = sources[i % len(sources)]
             fakes.append(Exposure(
                 exposure_key=os.urandom(16), transmission_risk=src.transmission_risk,
                 app_package_name=export_db.GENERATED_APP, regions=list(src.regions), traveler=src.traveler,
                 interval_number=src.interval_number, interval_count=src.interval_count, created_at=created_at,
                 local_provenance=True, health_authority_id=src.health_authority_id, report_type=src.report_type,
-                days_since_symptom_onset=src.days_since_symptom_onset))
+                days_since_symptom_onset=src.days_since_symptom_onset, padding_seq=seq))
         exposures_db.insert_exposures(conn, fakes)
         return need
 

@@ -256,10 +256,6 @@ def test_airflow_dags_test_cli_with_a_minute_schedule_exports_the_minute_before_
         ("us-1m", t - minute, t, "COMPLETE")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "domain bug, reported: a shard is a key range read at export time, so padding that another config adds to an "
-    "overlapping window after this config planned lands in this config's files (past its max_records, and not in "
-    "its batch's counts)"))
 def test_overlapping_configs_each_ship_exactly_the_keys_they_planned(airflow: AirflowEnv, engine, now):
     """Two configs over the same US keys, hourly and half-hourly: the half-hourly one pads its windows."""
     w = truncate(now - 5 * HOUR, HOUR)

@@ -275,3 +275,24 @@ def test_batch_statistics_are_stored(env):
         stored = conn.execute(sa.text("SELECT stats FROM export_batch")).scalar_one()
     assert stored["report_type"] == stats["report_type"]
     assert np.sum(list(stats["keys_per_day"].values())) == 4
+
+
+def test_shards_read_only_the_padding_their_plan_counted(env):
+    """Another config padding an overlapping window between this plan and its shards changes nothing here."""
+    hourly = add_config(env, "us", max_records=25)
+    half = add_config(env, "us-30m", period=1800, root="half")
+    real = [exposure(WINDOW_START + timedelta(seconds=85 * i)) for i in range(40)]
+    insert(env, real)
+    pipeline = env["pipeline"]
+    tasks, batch_id = pipeline.plan_window(hourly, WINDOW_START, WINDOW_END, NOW)
+    for start in (WINDOW_START, WINDOW_START + timedelta(minutes=30)):  # pads both half-hours
+        half_tasks, half_batch = pipeline.plan_window(half, start, start + timedelta(minutes=30), NOW)
+        for t in half_tasks:
+            pipeline.export_shard(t, NOW)
+    written = [pipeline.export_shard(t, NOW) for t in tasks]
+    stats = pipeline.finalize([batch_id], NOW)[batch_id]
+    parsed = files(env)
+    assert [f["keys"] for f in written] == [25, 15]
+    assert sorted(all_keys(parsed)) == sorted(r.exposure_key for r in real)  # no padding from the other config
+    assert stats["keys"] == 40 and stats["padding_keys"] == 0
+    assert len(all_keys(files(env, "half"))) >= 1000
