@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -17,6 +18,9 @@ from enpipeline.db.engine import make_engine
 from enpipeline.db.migrate import migrate
 from enpipeline.model import AuthorizedApp
 from tests import support
+
+# Anything that imports Airflow in the test process (the GCS hook tests) must not create ~/airflow.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="enp-test-airflow-home-"))
 
 TABLES = ("exposure, authorized_app, health_authority_key, health_authority, revision_key, export_file, "
           "export_shard, export_batch, export_config, signature_info")
