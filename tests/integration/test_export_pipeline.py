@@ -286,7 +286,7 @@ def test_shards_read_only_the_padding_their_plan_counted(env):
     pipeline = env["pipeline"]
     tasks, batch_id = pipeline.plan_window(hourly, WINDOW_START, WINDOW_END, NOW)
     for start in (WINDOW_START, WINDOW_START + timedelta(minutes=30)):  # pads both half-hours
-        half_tasks, half_batch = pipeline.plan_window(half, start, start + timedelta(minutes=30), NOW)
+        half_tasks, _ = pipeline.plan_window(half, start, start + timedelta(minutes=30), NOW)
         for t in half_tasks:
             pipeline.export_shard(t, NOW)
     written = [pipeline.export_shard(t, NOW) for t in tasks]
