@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint up down status bench-publish proto clean
+.PHONY: install test lint up down status bench-publish bench-export proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -36,6 +36,9 @@ status: install
 
 bench-publish: install
 	$(BIN)/python bench/publish_bench.py $(BENCH_ARGS)
+
+bench-export: install
+	$(BIN)/python bench/export_bench.py $(BENCH_ARGS)
 
 proto: install
 	PATH=$(BIN):$$PATH bash scripts/gen_protos.sh
