@@ -267,3 +267,51 @@ def test_importing_the_hooks_module_stays_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert enp_hooks.BLOBSTORE_CONN_ID == "enp_blobstore" and enp_hooks.POSTGRES_CONN_ID == "enp_postgres"
+
+
+def test_an_export_window_lands_in_gcs_signed_and_indexed(client, engine, settings, tmp_path):
+    """The export pipeline end to end on the GCS store: zip and index.txt with their cache headers."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import serialization
+
+    from enpipeline.db import export as export_db
+    from enpipeline.db import exposures as exposures_db
+    from enpipeline.export import format as fmt
+    from enpipeline.export.pipeline import ExportPipeline
+    from enpipeline.export.signing import FilesystemKeyManager
+    from enpipeline.model import Exposure
+    from enpipeline.timeutil import interval_number, truncate
+
+    bucket = _new_bucket(client)
+    keys = FilesystemKeyManager(tmp_path / "keys")
+    ref = keys.create_signing_key("gcs-v1")
+    now = truncate(datetime.now(UTC), timedelta(hours=1))
+    start = now - timedelta(hours=3)
+    with engine.begin() as conn:
+        sig = export_db.add_signature_info(conn, name="gcs-v1", signing_key=ref, key_id="310", key_version="v1",
+                                           algorithm=fmt.ALGORITHM_ECDSA_P256_SHA256,
+                                           from_timestamp=now - timedelta(days=1), thru_timestamp=None, now=now)
+        export_db.add_export_config(conn, export_db.ExportConfigRow(
+            config_id=0, name="gcs", bucket_name=bucket, filename_root="exposureKeyExport-US", period_seconds=3600,
+            output_region="US", input_regions=(), include_travelers=False, only_non_travelers=False,
+            exclude_regions=(), max_records_override=None, signature_info_ids=(sig,),
+            from_timestamp=now - timedelta(days=2), thru_timestamp=None, disabled=False))
+    rows = [Exposure(exposure_key=bytes([i]) * 16, transmission_risk=2, app_package_name="t", regions=["US"],
+                     traveler=False, interval_number=interval_number(start) - 144, interval_count=144,
+                     created_at=start, report_type="confirmed", days_since_symptom_onset=0) for i in range(5)]
+    exposures_db.PartitionGuard(engine).ensure([start])
+    with engine.begin() as conn:
+        exposures_db.insert_exposures(conn, rows)
+    store = GcsBlobstore(client)
+    result = ExportPipeline(settings, engine, store, keys).run_window("gcs", start, start + timedelta(hours=1), now)
+    (written,) = result["files"]
+    parsed = fmt.read_export(store.get(bucket, written["filename"]))
+    public = serialization.load_pem_public_key(keys.signer(ref).public_key_pem().encode())
+    assert fmt.verify_export(parsed, [public])
+    assert {k.key_data for k in parsed.keys} >= {r.exposure_key for r in rows}
+    assert store.get(bucket, "exposureKeyExport-US/index.txt").decode() == written["filename"]
+    zip_blob = client.bucket(bucket).get_blob(written["filename"])
+    index_blob = client.bucket(bucket).get_blob("exposureKeyExport-US/index.txt")
+    assert (zip_blob.content_type, zip_blob.cache_control) == ("application/zip", CACHEABLE)
+    assert (index_blob.content_type, index_blob.cache_control) == ("text/plain", NOT_CACHEABLE)
