@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -120,5 +120,5 @@ class PartitionGuard:
             if not days:
                 return
             with self._engine.begin() as conn:
-                migrate.ensure_partitions(conn, min(days), max(days) + timedelta(days=0))
+                migrate.ensure_partitions(conn, min(days), max(days))
             self._known |= days

@@ -141,22 +141,22 @@ def _scan_number(data: bytes, i: int) -> tuple[_Num, int]:
             raise _Syntax(j)
     j = j + 1 if data[j] == 0x30 else _DIGITS.match(data, j).end()  # type: ignore[union-attr]
     if j < n and data[j] == 0x2E:  # .
-        j += 1
-        if j >= n:
-            raise _Eof
-        if not 0x30 <= data[j] <= 0x39:
-            raise _Syntax(j)
-        j = _DIGITS.match(data, j).end()  # type: ignore[union-attr]
+        j = _required_digits(data, j + 1)
     if j < n and data[j] in b"eE":
         j += 1
         if j < n and data[j] in b"+-":
             j += 1
-        if j >= n:
-            raise _Eof
-        if not 0x30 <= data[j] <= 0x39:
-            raise _Syntax(j)
-        j = _DIGITS.match(data, j).end()  # type: ignore[union-attr]
+        j = _required_digits(data, j)
     return _Num(data[i:j].decode("ascii")), j
+
+
+def _required_digits(data: bytes, j: int) -> int:
+    """End of the run of one or more digits at data[j] (a fraction or an exponent)."""
+    if j >= len(data):
+        raise _Eof
+    if not 0x30 <= data[j] <= 0x39:
+        raise _Syntax(j)
+    return _DIGITS.match(data, j).end()  # type: ignore[union-attr]
 
 
 _LITERALS = {0x74: (b"true", True), 0x66: (b"false", False), 0x6E: (b"null", None)}
