@@ -205,6 +205,20 @@ def cmd_ha_remove(args: argparse.Namespace) -> None:
     print(f"removed health authority {args.issuer!r} and its keys")
 
 
+def cmd_ha_sync_jwks(args: argparse.Namespace) -> None:
+    from enpipeline.jwks import JwksSyncError, sync_health_authority_keys
+
+    settings = _settings()
+    report = sync_health_authority_keys(_engine(settings), _now(), timeout=settings.jwks_request_timeout,
+                                        cleanup_ttl=settings.health_authority_key_cleanup_ttl,
+                                        max_bytes=settings.jwks_max_bytes)
+    _print([r.as_row() for r in report.results], args.json)
+    try:
+        report.raise_for_failures()
+    except JwksSyncError as exc:  # the healthy authorities are synced; say which ones were not
+        raise CliError(str(exc)) from None
+
+
 # -- authorized apps ---------------------------------------------------------------------------------
 
 def cmd_app_add(args: argparse.Namespace) -> None:
@@ -290,6 +304,29 @@ def cmd_local(args: argparse.Namespace) -> None:
     {"up": local.up, "down": local.down, "status": local.status}[args.action](Path(args.var_dir))
 
 
+# -- synthetic data ----------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from enpipeline.generate import DayResult, GenerateRefused, generate_keys
+
+    now = _parse_time(args.now, "--now") or _now()
+
+    def show(day: DayResult) -> None:
+        rate = day.rows / day.seconds if day.seconds > 0 else 0.0
+        print(f"{day.day.isoformat()}  {day.rows:>12,} keys  {day.seconds:7.2f}s  {rate:>10,.0f} rows/s", flush=True)
+
+    try:
+        report = generate_keys(_engine(_settings()), days=args.days, keys_per_day=args.keys_per_day,
+                               regions=["US"] if args.regions is None else _split(args.regions), now=now,
+                               force=args.force, seed=args.seed, progress=show)
+    except (GenerateRefused, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    first, last = report.days[0].day, report.days[-1].day
+    print(f"generated {report.rows:,} keys over {len(report.days)} day(s) {first.isoformat()}..{last.isoformat()}"
+          f" (regions {','.join(report.regions)}, seed {report.seed}) in {report.seconds:.2f}s:"
+          f" {report.rows_per_second:,.0f} rows/s")
+
+
 # -- parser ------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(ha, "remove", cmd_ha_remove, "delete a health authority and its keys")
     p.add_argument("--issuer", required=True)
     p.add_argument("--force", action="store_true", help="even if apps still allow it")
+    p = add(ha, "sync-jwks", cmd_ha_sync_jwks,
+            "fetch every jwks_uri: add new keys, revoke vanished ones, purge old revoked ones (exit 1 if any fails)")
+    p.add_argument("--json", action="store_true")
 
     app = sub.add_parser("app", help="authorized apps").add_subparsers(dest="action", required=True, metavar="ACTION")
     p = add(app, "add", cmd_app_add, "authorize an app (healthAuthorityID) to publish")
@@ -357,9 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="gunicorn worker processes (default 2 x CPUs + 1)")
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
 
+    p = add(sub, "generate", cmd_generate,
+            "write synthetic exposure keys for the D whole UTC days before today (tests, demos, benchmarks)")
+    p.add_argument("--days", type=int, required=True, metavar="D", help="how many days, 1-60")
+    p.add_argument("--keys-per-day", type=int, required=True, metavar="N", help="keys per day, 1-50000000")
+    p.add_argument("--regions", action="append", metavar="US", help="US or US,CA; repeatable (default US)")
+    p.add_argument("--force", action="store_true", help="even if the database holds real published keys")
+    p.add_argument("--now", metavar="ISO", help="pretend it is this time (default now)")
+    p.add_argument("--seed", type=int, help="reproduce the keys of an earlier run (default random)")
+
     from enpipeline import cli_export
 
     cli_export.register(sub, add)
+    from enpipeline import cli_retention
+
+    cli_retention.register(sub, add)
 
     p = add(sub, "local", cmd_local, "run the local stack on the embedded Postgres (used by make up/down)")
     p.add_argument("action", choices=["up", "down", "status"])

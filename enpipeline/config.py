@@ -16,6 +16,9 @@ from typing import Any
 from enpipeline.blobstore import parse_blobstore_url
 from enpipeline.durations import parse_duration
 
+# The reference's floor for CLEANUP_TTL: exports must stay listed long enough for every phone to fetch them.
+MIN_RETENTION = timedelta(days=10)
+
 
 class ConfigError(Exception):
     """One or more settings are missing or invalid; the message names every offending variable."""
@@ -60,6 +63,11 @@ class Settings:
     verification_cache_duration: timedelta = timedelta(minutes=5)
     max_body_bytes: int = 64_000
 
+    # Health-authority keys synced from a jwks_uri (reference: REQUEST_TIMEOUT, HEALTH_AUTHORITY_KEY_CLEANUP_TTL)
+    jwks_request_timeout: timedelta = timedelta(seconds=30)
+    jwks_max_bytes: int = 262_144
+    health_authority_key_cleanup_ttl: timedelta = timedelta(days=30)
+
     # Revision tokens
     revision_token_min_length: int = 28
     revision_key_cache_duration: timedelta = timedelta(minutes=1)
@@ -71,6 +79,10 @@ class Settings:
     # Storage layout
     partition_days_ahead: int = 3
     retention: timedelta = timedelta(days=14)
+    # Retention below 10 days is refused (phones need the files that long) unless this is set, for tests.
+    debug_override_cleanup_min_duration: bool = False
+    cleanup_schedule: str = "0 0 * * *"
+    jwks_sync_schedule: str = "*/5 * * * *"
 
     # Blob storage for export files: file://PATH (relative or absolute), memory:// or gs://
     blobstore: str = "file://var/blobs"
@@ -182,7 +194,7 @@ def _validate(s: Settings, require_database: bool) -> list[str]:
         problems.append("ENP_DATABASE_URL must be a postgresql:// URL")
     positive = ["max_keys_on_publish", "max_same_start_interval_keys", "max_symptom_onset_days",
                 "max_valid_symptom_onset_report_days", "revision_token_min_length", "max_body_bytes",
-                "db_pool_size"]
+                "db_pool_size", "jwks_max_bytes"]
     for name in positive:
         if getattr(s, name) <= 0:
             problems.append(f"{env_name(name)} must be > 0")
@@ -201,10 +213,22 @@ def _validate(s: Settings, require_database: bool) -> list[str]:
         problems.append(f"ENP_EXPORT_SCHEDULE must be a 5-field cron expression, got {s.export_schedule!r}")
     if not 0 <= s.export_zip_compresslevel <= 9:
         problems.append("ENP_EXPORT_ZIP_COMPRESSLEVEL must be 0..9")
+    if s.retention < MIN_RETENTION and not s.debug_override_cleanup_min_duration:
+        problems.append(f"ENP_RETENTION {s.retention} is less than the minimum {MIN_RETENTION.days}d "
+                        "(set ENP_DEBUG_OVERRIDE_CLEANUP_MIN_DURATION=true only for tests)")
+    if s.retention <= timedelta(0):
+        problems.append("ENP_RETENTION must be a positive duration")
+    for name in ("cleanup_schedule", "jwks_sync_schedule"):
+        if len(getattr(s, name).split()) != 5:
+            problems.append(f"{env_name(name)} must be a 5-field cron expression, got {getattr(s, name)!r}")
     if s.truncate_window <= timedelta(0):
         problems.append("ENP_TRUNCATE_WINDOW must be a positive duration")
     if s.max_interval_age_on_publish <= timedelta(0):
         problems.append("ENP_MAX_INTERVAL_AGE_ON_PUBLISH must be a positive duration")
+    if s.jwks_request_timeout <= timedelta(0):
+        problems.append("ENP_JWKS_REQUEST_TIMEOUT must be a positive duration")
+    if s.health_authority_key_cleanup_ttl <= timedelta(0):
+        problems.append("ENP_HEALTH_AUTHORITY_KEY_CLEANUP_TTL must be a positive duration")
     if not timedelta(0) < s.revision_key_cache_duration <= timedelta(minutes=60):
         problems.append("ENP_REVISION_KEY_CACHE_DURATION must be > 0 and <= 60m")
     try:

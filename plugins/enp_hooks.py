@@ -21,8 +21,10 @@ from enpipeline.blobstore import (
 if TYPE_CHECKING:  # Airflow and the Google provider are imported inside the functions: nothing heavy at parse time
     from airflow.providers.google.cloud.hooks.gcs import GCSHook
     from airflow.sdk import Connection
+    from sqlalchemy.engine import Engine
 
     from enpipeline.export.pipeline import ExportPipeline
+    from enpipeline.retention import RetentionCleaner
 
 BLOBSTORE_CONN_ID = "enp_blobstore"
 POSTGRES_CONN_ID = "enp_postgres"
@@ -135,5 +137,33 @@ def export_pipeline() -> Iterator[ExportPipeline]:
     engine = make_engine(url, pool_size=2, max_overflow=2, application_name="enpipeline-airflow")
     try:
         yield ExportPipeline(settings, engine, blobstore_for_airflow(), key_manager_from_settings(settings))
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def retention_cleaner() -> Iterator[RetentionCleaner]:
+    """A RetentionCleaner wired like export_pipeline(); revision-token secrets from ENP_* (or ./var locally)."""
+    from enpipeline.config import load_settings, with_local_secrets
+    from enpipeline.db.engine import make_engine
+    from enpipeline.retention import RetentionCleaner
+
+    url = enp_database_url()
+    settings = with_local_secrets(load_settings(require_database=False).replace(database_url=url))
+    engine = make_engine(url, pool_size=2, max_overflow=2, application_name="enpipeline-airflow")
+    try:
+        yield RetentionCleaner(settings, engine, blobstore_for_airflow())
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def enp_engine() -> Iterator[Engine]:
+    """An engine on the enp_postgres Connection (or ENP_DATABASE_URL), disposed on exit."""
+    from enpipeline.db.engine import make_engine
+
+    engine = make_engine(enp_database_url(), pool_size=2, max_overflow=2, application_name="enpipeline-airflow")
+    try:
+        yield engine
     finally:
         engine.dispose()

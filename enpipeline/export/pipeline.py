@@ -86,6 +86,31 @@ def plan_shards(primary: int, revised: int, max_records: int) -> list[tuple[tupl
     return out
 
 
+def write_index(engine: Engine, blobstore: Blobstore, config_id: int, since: datetime) -> list[str]:
+    """index.txt from the database: live files of complete batches that start at or after ``since``, sorted.
+
+    Holds the config's index lock while it reads and writes, so an index written later always reflects
+    file states committed earlier (retention marks files under the same lock before sweeping them).
+    """
+    with engine.begin() as conn:
+        return write_index_on(conn, blobstore, config_id, since)
+
+
+def write_index_on(conn: Connection, blobstore: Blobstore, config_id: int, since: datetime) -> list[str]:
+    """write_index inside the caller's transaction (the index lock is re-entrant within one session)."""
+    export_db.lock_index(conn, config_id)
+    cfg = export_db.get_export_config(conn, config_id=config_id)
+    names = export_db.index_filenames(conn, config_id, since)
+    blobstore.create(cfg.bucket_name, index_name(cfg.filename_root), "\n".join(names).encode(),
+                     content_type="text/plain", cacheable=False)
+    log.info("index %s/%s: %d file(s)", cfg.bucket_name, index_name(cfg.filename_root), len(names))
+    return names
+
+
+def index_name(filename_root: str) -> str:
+    return f"{filename_root}/{INDEX_NAME}"
+
+
 class ExportPipeline:
     def __init__(self, settings: Settings, engine: Engine, blobstore: Blobstore, keys: KeyManager,
                  *, rng: random.Random | None = None):
@@ -105,6 +130,12 @@ class ExportPipeline:
         for cfg in configs:
             try:
                 for start, end in self.windows(cfg, interval_start, interval_end):
+                    if start < now - self.settings.retention:
+                        # Retention has removed (or is removing) its keys and files; a backfill this far
+                        # back must not publish a file that the next cleanup would sweep again.
+                        log.info("export config %r: window %s..%s is past retention; skipped", cfg.name,
+                                 start.isoformat(), end.isoformat())
+                        continue
                     tasks, batch_id = self.plan_window(cfg, start, end, now)
                     result.tasks.extend(tasks)
                     result.batch_ids.append(batch_id)
@@ -138,6 +169,9 @@ class ExportPipeline:
         if end - start != timedelta(seconds=cfg.period_seconds) or not is_aligned(start, cfg.period_seconds):
             raise ExportError(f"window {start.isoformat()}..{end.isoformat()} is not one aligned period "
                               f"({cfg.period_seconds}s) of export config {cfg.name!r}")
+        if start < now - self.settings.retention:
+            raise ExportError(f"window starting {start.isoformat()} is past retention (ENP_RETENTION "
+                              f"{self.settings.retention}): its keys and files are removed by cleanup")
         if end > now - self.settings.export_min_window_age:
             raise ExportError(f"window ending {end.isoformat()} is still open: it must end before now minus "
                               f"ENP_EXPORT_MIN_WINDOW_AGE ({self.settings.export_min_window_age})")
@@ -233,6 +267,11 @@ class ExportPipeline:
         """Encode, sign and upload one file; record it. Safe to retry: same name, same bytes."""
         with self.engine.connect() as conn:
             batch = export_db.get_batch(conn, task.batch_id)
+            if batch.status in ("DEL_PEND", "DELETED"):
+                log.warning("batch %d is past retention (%s); file %d not written", batch.batch_id, batch.status,
+                            task.shard_num)
+                return {"batch_id": batch.batch_id, "shard_num": task.shard_num, "filename": None, "keys": 0,
+                        "revised_keys": 0, "bytes": 0, "signatures": 0, "expired": True}
             shard = export_db.get_shard(conn, task.batch_id, task.shard_num)
             cfg = export_db.get_export_config(conn, config_id=batch.config_id)
             infos = [i for i in export_db.list_signature_infos(conn, cfg.signature_info_ids) if i.is_active(now)]
@@ -262,10 +301,20 @@ class ExportPipeline:
         stats = shard_stats(primary, revised)
         digest = hashlib.sha256(data).hexdigest()
         with self.engine.begin() as conn:
-            export_db.upsert_file(conn, bucket=batch.bucket_name, filename=name, batch_id=batch.batch_id,
-                                  batch_num=task.shard_num, batch_size=file_count, key_count=len(primary),
-                                  revised_key_count=len(revised), size=len(data), sha256=digest, stats=stats,
-                                  now=now)
+            export_db.lock_batch(conn, batch.batch_id)
+            expired = export_db.get_batch(conn, batch.batch_id, for_update=True).status in ("DEL_PEND", "DELETED")
+            if not expired:
+                export_db.upsert_file(conn, bucket=batch.bucket_name, filename=name, batch_id=batch.batch_id,
+                                      batch_num=task.shard_num, batch_size=file_count, key_count=len(primary),
+                                      revised_key_count=len(revised), size=len(data), sha256=digest, stats=stats,
+                                      now=now)
+        if expired:
+            # Retention marked the batch while this file was being written: the file must not come back.
+            self.blobstore.delete(batch.bucket_name, name)
+            log.warning("batch %d was expired by retention while %s was written; removed it again",
+                        batch.batch_id, name)
+            return {"batch_id": batch.batch_id, "shard_num": task.shard_num, "filename": name, "keys": 0,
+                    "revised_keys": 0, "bytes": 0, "signatures": 0, "expired": True}
         log.info("wrote %s/%s: %d keys, %d revised keys, %d bytes, %d signature(s) (%s)", batch.bucket_name, name,
                  len(primary), len(revised), len(data), len(signatures),
                  ", ".join(f"{s.verification_key_id}/{s.verification_key_version}" for s in sig_infos))
@@ -314,15 +363,7 @@ class ExportPipeline:
         return done
 
     def rebuild_index(self, config_id: int, now: datetime) -> list[str]:
-        """index.txt from the database: live files of complete batches inside retention, sorted."""
-        with self.engine.begin() as conn:
-            export_db.lock_index(conn, config_id)  # concurrent runs write the index one at a time
-            cfg = export_db.get_export_config(conn, config_id=config_id)
-            names = export_db.index_filenames(conn, config_id, now - self.settings.retention)
-            self.blobstore.create(cfg.bucket_name, f"{cfg.filename_root}/{INDEX_NAME}", "\n".join(names).encode(),
-                                  content_type="text/plain", cacheable=False)
-        log.info("index %s/%s/%s: %d file(s)", cfg.bucket_name, cfg.filename_root, INDEX_NAME, len(names))
-        return names
+        return write_index(self.engine, self.blobstore, config_id, now - self.settings.retention)
 
     # -- the whole path for one window (CLI) -------------------------------------------------------
 

@@ -1,11 +1,11 @@
-"""Runs en_export with ``dag.test()`` in a process of its own; one JSON command per stdin line.
+"""Runs an enpipeline DAG with ``dag.test()`` in a process of its own; one JSON command per stdin line.
 
 Started by tests/dags (``python -m tests.dags.airflow_driver``) with AIRFLOW_HOME, the metadata database and the
 enp_* connections in its environment, so Airflow's import-time configuration never touches the pytest process.
-Each command ``{"logical_date": ISO or null, "retries": N, "retry_delay": seconds}`` (the last two optional)
-runs one DAG run; the driver prints ``@@BEGIN`` before it (everything printed in between is that run's log) and
-``@@RESULT {json}`` after it: the run's state and data interval, every task instance's state and try number,
-and the tasks' return values.
+Each command ``{"logical_date": ISO or null, "retries": N, "retry_delay": seconds, "dag_id": ID}`` (all but the
+first optional; the DAG defaults to en_export) runs one DAG run; the driver prints ``@@BEGIN`` before it
+(everything printed in between is that run's log) and ``@@RESULT {json}`` after it: the run's state and data
+interval, every task instance's state and try number, and the tasks' return values.
 """
 
 from __future__ import annotations
@@ -45,15 +45,23 @@ def describe(dr) -> dict:
         }
 
 
-def main() -> None:
-    bag = DagBag(dag_folder=str(DAGS / "en_export.py"), safe_mode=False)
+def load(dag_id: str):
+    bag = DagBag(dag_folder=str(DAGS / f"{dag_id}.py"), safe_mode=False)
     if bag.import_errors:
         raise SystemExit(f"import errors: {bag.import_errors}")
-    dag = bag.dags["en_export"]
+    return bag.dags[dag_id]
+
+
+def main() -> None:
+    dags: dict[str, object] = {}
     for line in sys.stdin:
         if not line.strip():
             continue
         cmd = json.loads(line)
+        dag_id = cmd.get("dag_id") or "en_export"
+        if dag_id not in dags:
+            dags[dag_id] = load(dag_id)
+        dag = dags[dag_id]
         for t in dag.tasks:  # a test that provokes failures need not wait out the DAG's retry delays
             if cmd.get("retries") is not None:
                 t.retries = int(cmd["retries"])

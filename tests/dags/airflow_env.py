@@ -108,10 +108,10 @@ class DagTestDriver:
         self._lines.put(None)
 
     def run(self, logical_date: datetime | None, *, retries: int | None = None, retry_delay: float | None = None,
-            timeout: float = 180) -> RunResult:
+            timeout: float = 180, dag_id: str = "en_export") -> RunResult:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"logical_date": logical_date.isoformat() if logical_date else None,
-                                          "retries": retries, "retry_delay": retry_delay}) + "\n")
+                                          "retries": retries, "retry_delay": retry_delay, "dag_id": dag_id}) + "\n")
         self.proc.stdin.flush()
         deadline = time.monotonic() + timeout
         log: list[str] = []

@@ -107,3 +107,28 @@ def test_schedule_comes_from_enp_export_schedule(report):
     runs = _intervals(facts)
     assert len(runs) == 24 and all(end - start == timedelta(minutes=15) for _, start, end, _ in runs)
     assert facts["manual_at_10_17_05"] == ["2026-03-10T10:00:00+00:00", "2026-03-10T10:15:00+00:00"]
+
+
+def test_every_dag_has_owner_tags_retries_timeouts_and_docs(report):
+    assert {"en_export", "en_cleanup"} <= set(report["dags"])
+    for dag_id, dag in report["dags"].items():
+        assert dag["owner"] == "enpipeline", dag_id
+        assert dag["tags"][0] == "enpipeline" and len(dag["tags"]) >= 2, dag_id
+        assert f"### {dag_id}" in dag["doc_md"], dag_id
+        assert dag["catchup"] is False, dag_id
+        for name, task in dag["tasks"].items():
+            assert task["retries"] >= 2 and task["retry_delay"] > 0, (dag_id, name)
+
+
+def test_en_cleanup_wiring_each_step_its_own_task(report):
+    dag = report["dags"]["en_cleanup"]
+    assert dag["max_active_runs"] == 1  # two cleanups of different intervals never interleave their steps
+    tasks = dag["tasks"]
+    assert set(tasks) == {"ensure_partitions", "expire_keys", "mark_expired_exports", "rebuild_indexes",
+                          "sweep_exports", "rotate_revision_keys"}
+    assert tasks["expire_keys"]["upstream"] == ["ensure_partitions"]
+    assert tasks["rebuild_indexes"]["upstream"] == ["mark_expired_exports"]
+    assert tasks["sweep_exports"]["upstream"] == ["rebuild_indexes"]  # blobs go only after the index dropped them
+    assert tasks["rotate_revision_keys"]["upstream"] == []
+    facts = dag["timetable"]
+    assert facts["class"] == "CronDataIntervalTimetable" and facts["summary"] == "0 0 * * *"

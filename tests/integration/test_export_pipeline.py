@@ -253,12 +253,24 @@ def test_index_lists_only_complete_files_inside_retention(env):
     add_config(env)
     old_start = truncate(NOW - 15 * DAY, timedelta(hours=1))
     insert(env, [exposure(WINDOW_START), exposure(old_start)])
-    old = env["pipeline"].run_window("us", old_start, old_start + timedelta(hours=1), NOW)
+    # The old window was exported on time; by NOW it has left retention and the index.
+    hour = timedelta(hours=1)
+    old = env["pipeline"].run_window("us", old_start, old_start + hour, old_start + 3 * hour)
+    assert old["files"]
     new = env["pipeline"].run_window("us", WINDOW_START, WINDOW_END, NOW)
     index = env["blobs"].get("exports", "exposureKeyExport-us/index.txt").decode()
     assert index == new["files"][0]["filename"]
     assert old["files"][0]["filename"] not in index
     assert not index.endswith("\n")
+
+
+def test_a_window_past_retention_is_not_exported(env):
+    add_config(env)
+    old_start = truncate(NOW - 15 * DAY, timedelta(hours=1))
+    with pytest.raises(ExportError, match="past retention"):
+        env["pipeline"].run_window("us", old_start, old_start + timedelta(hours=1), NOW)
+    planned = env["pipeline"].plan_interval(old_start + 2 * timedelta(hours=1), old_start + 3 * timedelta(hours=1), NOW)
+    assert planned.tasks == [] and planned.batch_ids == [] and not planned.failures
 
 
 def test_batch_statistics_are_stored(env):
