@@ -44,6 +44,21 @@ def list_authorities(conn: Connection) -> list[HealthAuthority]:
     return _load(conn, "", {})
 
 
+def list_jwks_authorities(conn: Connection) -> list[HealthAuthority]:
+    """Health authorities whose keys come from a JWKS document (an empty jwks_uri means none, as in the reference)."""
+    return _load(conn, "WHERE jwks_uri IS NOT NULL AND jwks_uri <> ''", {})
+
+
+def lock_authority_keys(conn: Connection, ha_id: int) -> None:
+    """Serialise changes to one authority's keys across processes until the transaction ends.
+
+    Two JWKS syncs that overlap would otherwise both see a key as new and collide on its version.
+    """
+    # Two-int form keeps the lock apart from other advisory-lock users; ids past 2**31 only share a lock.
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('enp_ha_keys'), CAST(:id % 2147483648 AS INTEGER))"),
+                 {"id": ha_id})
+
+
 def add_authority(conn: Connection, *, issuer: str, audience: str, name: str, jwks_uri: str | None = None) -> int:
     return conn.execute(
         sa.text("INSERT INTO health_authority (iss, aud, name, jwks_uri) VALUES (:iss, :aud, :name, :jwks)"
@@ -66,6 +81,16 @@ def revoke_key(conn: Connection, ha_id: int, version: str, at: datetime) -> bool
         sa.text("UPDATE health_authority_key SET thru_timestamp = :at WHERE health_authority_id = :id"
                 " AND version = :v AND (thru_timestamp IS NULL OR thru_timestamp > :at)"),
         {"id": ha_id, "v": version, "at": at},
+    )
+    return result.rowcount > 0
+
+
+def restore_key(conn: Connection, ha_id: int, version: str) -> bool:
+    """Make a revoked key open-ended again (its from_timestamp is kept)."""
+    result = conn.execute(
+        sa.text("UPDATE health_authority_key SET thru_timestamp = NULL WHERE health_authority_id = :id"
+                " AND version = :v AND thru_timestamp IS NOT NULL"),
+        {"id": ha_id, "v": version},
     )
     return result.rowcount > 0
 
