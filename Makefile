@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint up down status bench-publish bench-export proto clean
+.PHONY: install test lint up down status bench-publish bench-export bench-cleanup proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-publish: install
 
 bench-export: install
 	$(BIN)/python bench/export_bench.py $(BENCH_ARGS)
+
+bench-cleanup: install
+	$(BIN)/python bench/cleanup_bench.py $(BENCH_ARGS)
 
 proto: install
 	PATH=$(BIN):$$PATH bash scripts/gen_protos.sh

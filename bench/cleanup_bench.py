@@ -41,8 +41,9 @@ RETENTION = timedelta(days=14)
 
 FLAT_INDEXES = [
     "CREATE INDEX ON exposure_flat (exposure_key)",
-    "CREATE INDEX ON exposure_flat (created_at)",
-    "CREATE INDEX ON exposure_flat (revised_at) WHERE revised_at IS NOT NULL",
+    "CREATE INDEX ON exposure_flat (created_at, exposure_key)",
+    "CREATE INDEX ON exposure_flat (revised_at, exposure_key) WHERE revised_at IS NOT NULL",
+    "CREATE INDEX ON exposure_flat (export_import_id) WHERE export_import_id IS NOT NULL",
     "CREATE INDEX ON exposure_flat (sync_query_id) WHERE sync_query_id IS NOT NULL",
     "CREATE INDEX ON exposure_flat (created_at) WHERE app_package_name = 'export-generated'",
 ]

@@ -412,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     from enpipeline import cli_retention
 
     cli_retention.register(sub, add)
+    from enpipeline import cli_federation
+
+    cli_federation.register(sub, add)
 
     p = add(sub, "local", cmd_local, "run the local stack on the embedded Postgres (used by make up/down)")
     p.add_argument("action", choices=["up", "down", "status"])

@@ -84,6 +84,19 @@ class Settings:
     cleanup_schedule: str = "0 0 * * *"
     jwks_sync_schedule: str = "*/5 * * * *"
 
+    # Federation (pull from partners, serve partners, import partners' export files)
+    federation_pull_schedule: str = "*/15 * * * *"
+    federation_page_size: int = 500                      # most keys the server puts in one Fetch response
+    federation_audience: str = "https://exposure-notifications-server/federation"  # aud we accept by default
+    federation_token_lifetime: timedelta = timedelta(minutes=5)  # of the bearer JWTs we sign
+    federation_max_token_lifetime: timedelta = timedelta(hours=1)  # longest exp - iat we accept
+    federation_rpc_timeout: timedelta = timedelta(seconds=60)     # per Fetch call, client side
+    federation_max_pull_duration: timedelta = timedelta(minutes=10)  # one pull stops (resumably) after this
+    federation_accept_self_report: bool = False          # pulled SELF_REPORT keys are dropped unless set
+    federation_accept_recursive: bool = False            # pulled RECURSIVE keys are dropped unless set
+    importer_request_timeout: timedelta = timedelta(seconds=60)
+    importer_max_file_bytes: int = 64 * 1024 * 1024
+
     # Blob storage for export files: file://PATH (relative or absolute), memory:// or gs://
     blobstore: str = "file://var/blobs"
 
@@ -218,7 +231,17 @@ def _validate(s: Settings, require_database: bool) -> list[str]:
                         "(set ENP_DEBUG_OVERRIDE_CLEANUP_MIN_DURATION=true only for tests)")
     if s.retention <= timedelta(0):
         problems.append("ENP_RETENTION must be a positive duration")
-    for name in ("cleanup_schedule", "jwks_sync_schedule"):
+    if not 1 <= s.federation_page_size <= 100_000:
+        problems.append("ENP_FEDERATION_PAGE_SIZE must be 1..100000")
+    for name in ("federation_token_lifetime", "federation_max_token_lifetime", "federation_rpc_timeout",
+                 "federation_max_pull_duration", "importer_request_timeout"):
+        if getattr(s, name) <= timedelta(0):
+            problems.append(f"{env_name(name)} must be a positive duration")
+    if s.federation_token_lifetime > s.federation_max_token_lifetime:
+        problems.append("ENP_FEDERATION_TOKEN_LIFETIME must not exceed ENP_FEDERATION_MAX_TOKEN_LIFETIME")
+    if s.importer_max_file_bytes <= 0:
+        problems.append("ENP_IMPORTER_MAX_FILE_BYTES must be > 0")
+    for name in ("cleanup_schedule", "jwks_sync_schedule", "federation_pull_schedule"):
         if len(getattr(s, name).split()) != 5:
             problems.append(f"{env_name(name)} must be a 5-field cron expression, got {getattr(s, name)!r}")
     if s.truncate_window <= timedelta(0):

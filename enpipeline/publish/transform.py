@@ -66,28 +66,36 @@ def _validate_key(index: int, key: ExposureKeyInput, settings: Settings, now: da
         raw = decode_lenient_base64(key.key)
     except ValueError as exc:
         raise ValueError(str(exc)) from None
+    return raw, validate_key_fields(raw, key.rolling_start_number, key.rolling_period, key.transmission_risk,
+                                    settings, now)
+
+
+def validate_key_fields(raw: bytes, rolling_start: int, rolling_period: int, transmission_risk: int,
+                        settings: Settings, now: datetime) -> datetime:
+    """The publish rules for one key's fields, in the reference's order; returns its created_at (embargo
+    applied) or raises ValueError. Federation pulls and export imports apply the same rules."""
     if len(raw) != KEY_LENGTH:
         raise ValueError(f"invalid key length, {len(raw)}, must be {KEY_LENGTH}")
-    if not 1 <= key.rolling_period <= INTERVALS_PER_DAY:
-        raise ValueError(f"invalid interval count, {key.rolling_period}, must be >= 1 && <= {INTERVALS_PER_DAY}")
+    if not 1 <= rolling_period <= INTERVALS_PER_DAY:
+        raise ValueError(f"invalid interval count, {rolling_period}, must be >= 1 && <= {INTERVALS_PER_DAY}")
     min_interval = interval_number(now - settings.max_interval_age_on_publish)
-    end = key.rolling_start_number + key.rolling_period
+    end = rolling_start + rolling_period
     # The reference rejects `validUntil <= min` (its message says ">=", which is off by one).
     if end <= min_interval:
         raise ValueError(
-            f"key expires before minimum window; {key.rolling_start_number} + {key.rolling_period} = {end}"
+            f"key expires before minimum window; {rolling_start} + {rolling_period} = {end}"
             f" which is too old, must be >= {min_interval}")
     current = interval_number(now)
-    if key.rolling_start_number > current:
-        raise ValueError(f"interval number {key.rolling_start_number} is in the future, must be <= {current}")
+    if rolling_start > current:
+        raise ValueError(f"interval number {rolling_start} is in the future, must be <= {current}")
     created_at = truncate(now, settings.truncate_window)
     if end > current and not settings.debug_release_same_day_keys:
         # Still valid: accept, but embargo until the key has expired (plus the truncate window).
         created_at = truncate(time_of_interval(end) + settings.truncate_window, settings.truncate_window)
-    if not MIN_TRANSMISSION_RISK <= key.transmission_risk <= MAX_TRANSMISSION_RISK:
-        raise ValueError(f"invalid transmission risk: {key.transmission_risk}, must be >= {MIN_TRANSMISSION_RISK}"
+    if not MIN_TRANSMISSION_RISK <= transmission_risk <= MAX_TRANSMISSION_RISK:
+        raise ValueError(f"invalid transmission risk: {transmission_risk}, must be >= {MIN_TRANSMISSION_RISK}"
                          f" && <= {MAX_TRANSMISSION_RISK}")
-    return raw, created_at
+    return created_at
 
 
 def check_overlaps(exposures: list[Exposure], settings: Settings) -> None:
