@@ -23,7 +23,8 @@ from tests import support
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="enp-test-airflow-home-"))
 
 TABLES = ("exposure, authorized_app, health_authority_key, health_authority, revision_key, export_file, "
-          "export_shard, export_batch, export_config, signature_info")
+          "export_shard, export_batch, export_config, signature_info, federation_in_sync, federation_in_query, "
+          "federation_out_authorization, import_file, export_importer_key, export_importer")
 
 
 @pytest.fixture(scope="session")
