@@ -132,3 +132,16 @@ def test_en_cleanup_wiring_each_step_its_own_task(report):
     assert tasks["rotate_revision_keys"]["upstream"] == []
     facts = dag["timetable"]
     assert facts["class"] == "CronDataIntervalTimetable" and facts["summary"] == "0 0 * * *"
+
+
+def test_en_federation_pull_maps_over_queries_and_importers(report):
+    dag = report["dags"]["en_federation_pull"]
+    assert dag["tags"] == ["enpipeline", "federation"] and dag["max_active_runs"] == 1
+    tasks = dag["tasks"]
+    assert set(tasks) == {"list_queries", "pull", "list_importers", "import_exports"}
+    assert tasks["pull"]["upstream"] == ["list_queries"] and tasks["pull"]["class"] == "DecoratedMappedOperator"
+    assert tasks["import_exports"]["upstream"] == ["list_importers"]
+    assert tasks["import_exports"]["class"] == "DecoratedMappedOperator"
+    assert tasks["list_queries"]["upstream"] == [] and tasks["list_importers"]["upstream"] == []
+    facts = dag["timetable"]
+    assert facts["summary"] == "*/15 * * * *" and facts["periodic"]
