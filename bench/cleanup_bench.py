@@ -124,9 +124,12 @@ def run_size(server_url: str, rows: int) -> dict[str, float | int]:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name_b}" WITH (FORCE)'))
             admin.dispose()
     result = {"rows": per_day * DAYS, "expired": expired, "partitions": len(report.dropped_partitions),
-              "cleanup_s": cleanup_s, "delete_partitioned_s": partitioned_s, "delete_flat_s": flat_s}
-    print(f"{result['rows']:>11,} rows, {expired:>9,} expired in {result['partitions']} day(s): "
-          f"cleanup path {cleanup_s * 1000:8.1f} ms | DELETE on the partitioned copy {partitioned_s * 1000:9.1f} ms"
+              "cleanup_s": cleanup_s, "delete_partitioned_s": partitioned_s, "delete_flat_s": flat_s,
+              "detach_s": report.detach_seconds, "drop_s": report.drop_seconds, "bytes": report.dropped_bytes}
+    print(f"{result['rows']:>11,} rows, {expired:>9,} expired in {result['partitions']} day(s) "
+          f"({report.dropped_bytes / 2**20:,.0f} MB): cleanup path {cleanup_s * 1000:6.1f} ms (detach "
+          f"{report.detach_seconds * 1000:5.1f} ms, drop {report.drop_seconds * 1000:5.1f} ms)"
+          f" | DELETE on the partitioned copy {partitioned_s * 1000:7.1f} ms"
           f" ({partitioned_s / cleanup_s:5.1f}x) | DELETE on an unpartitioned table {flat_s * 1000:9.1f} ms"
           f" ({flat_s / cleanup_s:5.1f}x)", flush=True)
     return result
@@ -144,7 +147,8 @@ def main() -> None:
     if len(results) > 1:
         small, large = results[0], results[-1]
         print(f"growth from {small['rows']:,} to {large['rows']:,} rows: cleanup path "
-              f"{large['cleanup_s'] / small['cleanup_s']:.2f}x, DELETE (partitioned) "
+              f"{large['cleanup_s'] / small['cleanup_s']:.2f}x (detach {large['detach_s'] / small['detach_s']:.2f}x,"
+              f" drop {large['drop_s'] / small['drop_s']:.2f}x), DELETE (partitioned) "
               f"{large['delete_partitioned_s'] / small['delete_partitioned_s']:.2f}x, DELETE (unpartitioned) "
               f"{large['delete_flat_s'] / small['delete_flat_s']:.2f}x")
 
