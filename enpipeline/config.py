@@ -92,10 +92,18 @@ class Settings:
     federation_max_token_lifetime: timedelta = timedelta(hours=1)  # longest exp - iat we accept
     federation_rpc_timeout: timedelta = timedelta(seconds=60)     # per Fetch call, client side
     federation_max_pull_duration: timedelta = timedelta(minutes=10)  # one pull stops (resumably) after this
+    federation_store_batch: int = 5000                   # most pulled keys stored in one transaction
     federation_accept_self_report: bool = False          # pulled SELF_REPORT keys are dropped unless set
     federation_accept_recursive: bool = False            # pulled RECURSIVE keys are dropped unless set
     importer_request_timeout: timedelta = timedelta(seconds=60)
     importer_max_file_bytes: int = 64 * 1024 * 1024
+
+    # EFGS (the EU Federation Gateway Service): push our keys, pull other countries' keys
+    efgs_push_schedule: str = "0 * * * *"                # cron of en_federation_push (a data-interval timetable)
+    efgs_pull_schedule: str = "*/30 * * * *"             # cron of en_efgs_pull
+    efgs_push_delay: timedelta = timedelta(hours=1)      # a run for [S, E) pushes keys created in [S - d, E - d)
+    efgs_upload_batch_size: int = 5000                   # keys per upload; the gateway refuses more than 5000
+    efgs_request_timeout: timedelta = timedelta(seconds=60)
 
     # Blob storage for export files: file://PATH (relative or absolute), memory:// or gs://
     blobstore: str = "file://var/blobs"
@@ -233,6 +241,8 @@ def _validate(s: Settings, require_database: bool) -> list[str]:
         problems.append("ENP_RETENTION must be a positive duration")
     if not 1 <= s.federation_page_size <= 100_000:
         problems.append("ENP_FEDERATION_PAGE_SIZE must be 1..100000")
+    if s.federation_store_batch < 1:
+        problems.append("ENP_FEDERATION_STORE_BATCH must be >= 1")
     for name in ("federation_token_lifetime", "federation_max_token_lifetime", "federation_rpc_timeout",
                  "federation_max_pull_duration", "importer_request_timeout"):
         if getattr(s, name) <= timedelta(0):
@@ -241,7 +251,15 @@ def _validate(s: Settings, require_database: bool) -> list[str]:
         problems.append("ENP_FEDERATION_TOKEN_LIFETIME must not exceed ENP_FEDERATION_MAX_TOKEN_LIFETIME")
     if s.importer_max_file_bytes <= 0:
         problems.append("ENP_IMPORTER_MAX_FILE_BYTES must be > 0")
-    for name in ("cleanup_schedule", "jwks_sync_schedule", "federation_pull_schedule"):
+    if not 1 <= s.efgs_upload_batch_size <= 5000:
+        problems.append("ENP_EFGS_UPLOAD_BATCH_SIZE must be 1..5000 (the gateway's maximum-upload-batch-size)")
+    if s.efgs_request_timeout <= timedelta(0):
+        problems.append("ENP_EFGS_REQUEST_TIMEOUT must be a positive duration")
+    if s.efgs_push_delay < s.truncate_window:
+        # Keys are stamped with created_at truncated to the window: a younger window may still receive keys.
+        problems.append("ENP_EFGS_PUSH_DELAY must be at least ENP_TRUNCATE_WINDOW")
+    for name in ("cleanup_schedule", "jwks_sync_schedule", "federation_pull_schedule", "efgs_push_schedule",
+                 "efgs_pull_schedule"):
         if len(getattr(s, name).split()) != 5:
             problems.append(f"{env_name(name)} must be a 5-field cron expression, got {getattr(s, name)!r}")
     if s.truncate_window <= timedelta(0):

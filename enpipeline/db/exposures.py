@@ -7,6 +7,8 @@ exists" stays correct under concurrent publishes of the same key.
 
 from __future__ import annotations
 
+import functools
+import io
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
@@ -59,11 +61,75 @@ def read_keys(conn: Connection, keys: Sequence[bytes]) -> dict[bytes, Exposure]:
     return {bytes(r.exposure_key): _row_to_exposure(r) for r in rows}
 
 
+# Above this many rows a COPY is cheaper than a parameterised INSERT (whose 22 bound values per row cost the
+# client ~0.13 ms a row to render: a 500-key federation page spent 60 ms there and 5 ms in the server).
+COPY_THRESHOLD = 64
+
+
 def insert_exposures(conn: Connection, rows: Sequence[Exposure]) -> int:
     if not rows:
         return 0
+    if len(rows) >= COPY_THRESHOLD:
+        return copy_exposures(conn, rows)
     # A shallow dict per row: dataclasses.asdict deep-copies and costs ~0.45 ms per publish.
     conn.execute(sa.insert(exposure), [{name: getattr(r, name) for name in _FIELDS} for r in rows])
+    return len(rows)
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(value: object) -> str:
+    """One field in COPY's text format."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, bytes):
+        return "\\\\x" + value.hex()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, list | tuple):
+        # An array literal with every element quoted, then escaped once more for COPY.
+        items = ",".join('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' for v in value)
+        return ("{" + items + "}").translate(_COPY_ESCAPES)
+    return str(value).translate(_COPY_ESCAPES)
+
+
+@functools.lru_cache(maxsize=1024)
+def _copy_cached(value: str | tuple[str, ...] | None) -> str:
+    # Regions, report types and source ids repeat across a whole batch: render each distinct one once.
+    return _copy_text(value)
+
+
+def _copy_line(r: Exposure) -> str:
+    # Spelled out per column (in _FIELDS order): half the cost of the generic per-field loop.
+    n = "\\N"
+    return "\t".join((
+        "\\\\x" + r.exposure_key.hex(), str(r.transmission_risk),
+        n if r.app_package_name is None else _copy_cached(r.app_package_name), _copy_cached(tuple(r.regions)),
+        "t" if r.traveler else "f", str(r.interval_number), str(r.interval_count), r.created_at.isoformat(),
+        "t" if r.local_provenance else "f",
+        n if r.health_authority_id is None else str(r.health_authority_id), _copy_cached(r.report_type),
+        n if r.days_since_symptom_onset is None else str(r.days_since_symptom_onset),
+        _copy_cached(r.revised_report_type), n if r.revised_at is None else r.revised_at.isoformat(),
+        n if r.revised_days_since_symptom_onset is None else str(r.revised_days_since_symptom_onset),
+        n if r.revised_transmission_risk is None else str(r.revised_transmission_risk),
+        n if r.sync_id is None else str(r.sync_id), _copy_cached(r.sync_query_id),
+        n if r.export_import_id is None else str(r.export_import_id),
+        n if r.import_file_id is None else str(r.import_file_id),
+        n if r.revised_import_file_id is None else str(r.revised_import_file_id),
+        n if r.padding_seq is None else str(r.padding_seq))) + "\n"
+
+
+def copy_exposures(conn: Connection, rows: Sequence[Exposure]) -> int:
+    """Bulk insert with COPY FROM STDIN (tuple routing sends each row to its day partition)."""
+    buffer = io.StringIO("".join(map(_copy_line, rows)))
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.copy_expert(f"COPY exposure ({', '.join(_FIELDS)}) FROM STDIN", buffer)
+    finally:
+        cursor.close()
     return len(rows)
 
 

@@ -194,15 +194,15 @@ def start_sync(conn: Connection, query_id: str, started: datetime) -> int:
 
 
 def record_page(conn: Connection, sync_id: int, *, insertions: int, revisions: int, rejected: int, skipped: int,
-                max_timestamp: datetime | None, max_revised_timestamp: datetime | None) -> None:
-    """Add one stored page to the sync's counters (in the page's transaction, so they match what was stored)."""
+                max_timestamp: datetime | None, max_revised_timestamp: datetime | None, pages: int = 1) -> None:
+    """Add stored pages to the sync's counters (in the pages' transaction, so they match what was stored)."""
     conn.execute(sa.text(
-        "UPDATE federation_in_sync SET pages = pages + 1, insertions = insertions + :i, revisions = revisions + :r,"
-        " rejected = rejected + :x, skipped = skipped + :s,"
+        "UPDATE federation_in_sync SET pages = pages + :pages, insertions = insertions + :i,"
+        " revisions = revisions + :r, rejected = rejected + :x, skipped = skipped + :s,"
         " max_timestamp = GREATEST(max_timestamp, :mt), max_revised_timestamp = GREATEST(max_revised_timestamp, :mrt)"
         " WHERE sync_id = :id"),
         {"id": sync_id, "i": insertions, "r": revisions, "x": rejected, "s": skipped, "mt": max_timestamp,
-         "mrt": max_revised_timestamp})
+         "mrt": max_revised_timestamp, "pages": pages})
 
 
 def finish_sync(conn: Connection, sync_id: int, completed: datetime) -> None:

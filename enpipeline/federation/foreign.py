@@ -8,9 +8,11 @@ revise keys that came from the same source.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy.engine import Connection
 
@@ -30,9 +32,8 @@ UNKNOWN, CONFIRMED_TEST, CONFIRMED_CLINICAL_DIAGNOSIS, SELF_REPORT, RECURSIVE, R
 MAX_DAYS_SINCE_ONSET = 14
 
 
-@dataclass(frozen=True)
-class ForeignKey:
-    """One key as a partner sent it, before validation."""
+class ForeignKey(NamedTuple):
+    """One key as a partner sent it, before validation (a NamedTuple: pulls build millions)."""
 
     key: bytes
     transmission_risk: int
@@ -66,7 +67,13 @@ def report_type_name(value: int, *, accept_self_report: bool, accept_recursive: 
 
 
 def normalize_regions(regions: Sequence[str]) -> list[str]:
-    return sorted({r.strip().upper() for r in regions if r.strip()})
+    return list(_normalized(tuple(regions)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalized(regions: tuple[str, ...]) -> tuple[str, ...]:
+    # Partners send the same few region lists over and over (a 1M-key pull: one or two distinct lists).
+    return tuple(sorted({r.strip().upper() for r in regions if r.strip()}))
 
 
 def to_exposure(key: ForeignKey, *, settings: Settings, now: datetime, **provenance) -> Exposure:

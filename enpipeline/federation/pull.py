@@ -9,6 +9,8 @@ no page is ever stored twice. Primary keys are insert-only; revised keys only re
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ __all__ = ["MAX_EXPOSURE_KEYS", "FederationPullError", "PullReport", "default_ch
 
 log = logging.getLogger(__name__)
 
-# What the reference's puller asks for; its server never sends more than 500 per response anyway.
+# What the reference's puller asks for; its server never sends more than 500 per response anyway. We ask for
+# ENP_FEDERATION_PAGE_SIZE (default the same 500); a partner may send fewer.
 MAX_EXPOSURE_KEYS = 500
 # Enough distinct rejection reasons to diagnose a partner, without a log line per key.
 MAX_REASONS = 5
@@ -256,25 +259,103 @@ def _pull_locked(settings: Settings, engine: Engine, query_id: str, clock: Calla
     return report
 
 
+@dataclass
+class _Page:
+    number: int
+    response: federation_pb2.FederationFetchResponse
+    cursors: Cursors  # the partner's cursors after this page
+
+
+_DONE = object()         # the partner has nothing more (or the time limit was reached)
+_PREFETCH_PAGES = 8      # pages fetched ahead of the store
+
+
 def _pull_pages(settings: Settings, engine: Engine, query: FederationInQuery, report: PullReport,
                 clock: Callable[[], datetime], started: float, channel_factory: ChannelFactory) -> None:
+    """Fetch on a thread of its own while this one stores: the partner's work and ours overlap.
+
+    Pages that are already waiting are stored together, up to ENP_FEDERATION_STORE_BATCH keys per transaction,
+    with the cursor after the last of them; a batch is all or nothing, so a failure still resumes exactly at
+    the first page not stored.
+    """
+    guard = exposures_db.PartitionGuard(engine)
+    provenance = {"sync_id": report.sync_id, "sync_query_id": query.query_id}
+    pages: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH_PAGES)
+    stop = threading.Event()
+    limit_reached = threading.Event()
+    fetcher = threading.Thread(target=_fetch_pages, name=f"federation-fetch-{query.query_id}", daemon=True,
+                               args=(settings, query, clock, started, channel_factory, pages, stop, limit_reached))
+    fetcher.start()
+    try:
+        pending: Any = None
+        while True:
+            item = pending if pending is not None else pages.get()
+            pending = None
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            batch = [item]
+            keys = len(item.response.keys) + len(item.response.revisedKeys)
+            # Take what else is already waiting, up to the batch size; stop at a marker (done or an error),
+            # which is handled after this batch is stored.
+            while keys < settings.federation_store_batch:
+                try:
+                    nxt = pages.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(nxt, _Page):
+                    pending = nxt
+                    break
+                batch.append(nxt)
+                keys += len(nxt.response.keys) + len(nxt.response.revisedKeys)
+            _store_batch(settings, engine, guard, query.query_id, report, batch, provenance, clock())
+    finally:
+        stop.set()
+        while fetcher.is_alive():  # unblock a fetcher waiting on a full queue
+            try:
+                pages.get_nowait()
+            except queue.Empty:
+                fetcher.join(0.05)
+    if limit_reached.is_set():
+        report.status = TIME_LIMIT
+        log.info("federation query %r: stopping after %s (ENP_FEDERATION_MAX_PULL_DURATION); the next pull goes on "
+                 "from the saved cursor", query.query_id, settings.federation_max_pull_duration)
+
+
+def _fetch_pages(settings: Settings, query: FederationInQuery, clock: Callable[[], datetime], started: float,
+                 channel_factory: ChannelFactory, pages: queue.Queue[Any], stop: threading.Event,
+                 limit_reached: threading.Event) -> None:
+    """The fetching thread: puts each _Page in order, then _DONE, or the exception that ended it."""
     import grpc
 
     from enpipeline.proto import federation_pb2 as pb
     from enpipeline.proto.federation_pb2_grpc import FederationStub
 
-    private_pem = load_credentials(settings.key_dir, query.credentials)
-    lifetime = settings.federation_token_lifetime
-    timeout = settings.federation_rpc_timeout
-    guard = exposures_db.PartitionGuard(engine)
-    provenance = {"sync_id": report.sync_id, "sync_query_id": query.query_id}
-    cursors = query.cursors
-    token, minted = "", 0.0
-    channel = channel_factory(query)
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                pages.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        private_pem = load_credentials(settings.key_dir, query.credentials)
+        lifetime = settings.federation_token_lifetime
+        timeout = settings.federation_rpc_timeout
+        cursors = query.cursors
+        token, minted = "", 0.0
+        channel = channel_factory(query)
+    except Exception as exc:
+        put(exc)
+        return
     try:
         stub = FederationStub(channel)
-        while True:
-            page = report.pages + 1
+        number = 0
+        while not stop.is_set():
+            number += 1
             # Reuse a token while it has at least half its life left, so it cannot expire in flight.
             if not token or time.monotonic() - minted > lifetime.total_seconds() / 2:
                 minted = time.monotonic()
@@ -283,37 +364,30 @@ def _pull_pages(settings: Settings, engine: Engine, query: FederationInQuery, re
             request = pb.FederationFetchRequest(
                 includeRegions=list(query.include_regions), excludeRegions=list(query.exclude_regions),
                 onlyTravelers=query.only_travelers, onlyLocalProvenance=query.only_local_provenance,
-                maxExposureKeys=MAX_EXPOSURE_KEYS, state=fetch_state(cursors))
+                maxExposureKeys=settings.federation_page_size, state=fetch_state(cursors))
             try:
                 response = stub.Fetch(request, metadata=(("authorization", f"Bearer {token}"),),
                                       timeout=timeout.total_seconds())
             except grpc.RpcError as exc:
-                raise _PullProblem(f"page {page}: {_rpc_reason(exc, timeout)}") from exc
+                raise _PullProblem(f"page {number}: {_rpc_reason(exc, timeout)}") from exc
             try:
                 new_cursors = next_cursors(cursors, response)
             except ValueError as exc:
-                raise _PullProblem(f"page {page}: invalid nextFetchState: {exc}") from exc
+                raise _PullProblem(f"page {number}: invalid nextFetchState: {exc}") from exc
             if response.partialResponse and new_cursors == cursors:
-                raise _PullProblem(f"page {page}: the partner sent a partial response without moving its cursor, "
-                                   "so it would be asked for the same page forever")
-            at = clock()
-            primary, rejected = _convert(response.keys, settings, at, provenance, report)
-            revised, rejected_revisions = _convert(response.revisedKeys, settings, at, provenance, report)
-            try:
-                _store_page(engine, guard, query.query_id, report, primary, revised, rejected + rejected_revisions,
-                            new_cursors, at)
-            except Exception as exc:
-                raise _PullProblem(f"page {page}: storing it failed: {_describe(exc)}") from exc
+                raise _PullProblem(f"page {number}: the partner sent a partial response without moving its "
+                                   "cursor, so it would be asked for the same page forever")
+            if not put(_Page(number, response, new_cursors)):
+                return
             cursors = new_cursors
-            log.debug("federation query %r: page %d stored (%d keys, %d revised keys)", query.query_id, page,
-                      len(response.keys), len(response.revisedKeys))
             if not response.partialResponse:
-                return
+                break
             if time.monotonic() - started >= settings.federation_max_pull_duration.total_seconds():
-                report.status = TIME_LIMIT
-                log.info("federation query %r: stopping after %s (ENP_FEDERATION_MAX_PULL_DURATION); the next pull "
-                         "goes on from the saved cursor", query.query_id, settings.federation_max_pull_duration)
-                return
+                limit_reached.set()
+                break
+        put(_DONE)
+    except Exception as exc:
+        put(exc)
     finally:
         channel.close()
 
@@ -334,20 +408,36 @@ def _convert(keys: Iterable[federation_pb2.ExposureKey], settings: Settings, now
     return out, rejected
 
 
-def _store_page(engine: Engine, guard: exposures_db.PartitionGuard, query_id: str, report: PullReport,
-                primary: list[Exposure], revised: list[Exposure], rejected: int, cursors: Cursors,
-                at: datetime) -> None:
-    """One transaction: the page's keys, the cursor after them, and the sync counters, or none of them."""
-    guard.ensure(e.created_at for e in primary)
-    with engine.begin() as conn:
-        counts = store_foreign_keys(conn, primary, revised, same_source=lambda e: e.sync_query_id == query_id,
-                                    revised_at=at)
-        db.save_cursors(conn, query_id, cursors)
-        db.record_page(conn, report.sync_id, insertions=counts.inserted, revisions=counts.revised,
-                       rejected=rejected, skipped=counts.skipped, max_timestamp=cursors.last_timestamp,
-                       max_revised_timestamp=cursors.last_revised_timestamp)
-    # The report follows the committed counters, so a failed page leaves no trace in it either.
-    report.pages += 1
+def _store_batch(settings: Settings, engine: Engine, guard: exposures_db.PartitionGuard, query_id: str,
+                 report: PullReport, batch: list[_Page], provenance: dict[str, Any], at: datetime) -> None:
+    """One transaction: the pages' keys, the cursor after the last of them, and the sync counters, or none."""
+    primary: list[Exposure] = []
+    revised: list[Exposure] = []
+    rejected = 0
+    for page in batch:
+        keys, bad = _convert(page.response.keys, settings, at, provenance, report)
+        revised_keys, bad_revised = _convert(page.response.revisedKeys, settings, at, provenance, report)
+        primary += keys
+        revised += revised_keys
+        rejected += bad + bad_revised
+    cursors = batch[-1].cursors
+    what = f"page {batch[0].number}" if len(batch) == 1 else f"pages {batch[0].number}-{batch[-1].number}"
+    try:
+        guard.ensure(e.created_at for e in primary)
+        with engine.begin() as conn:
+            counts = store_foreign_keys(conn, primary, revised, same_source=lambda e: e.sync_query_id == query_id,
+                                        revised_at=at)
+            db.save_cursors(conn, query_id, cursors)
+            db.record_page(conn, report.sync_id, insertions=counts.inserted, revisions=counts.revised,
+                           rejected=rejected, skipped=counts.skipped, max_timestamp=cursors.last_timestamp,
+                           max_revised_timestamp=cursors.last_revised_timestamp, pages=len(batch))
+    except Exception as exc:
+        raise _PullProblem(f"{what}: storing {'it' if len(batch) == 1 else 'them'} failed: {_describe(exc)}"
+                           ) from exc
+    log.debug("federation query %r: %s stored (%d keys, %d revised keys)", query_id, what, len(primary),
+              len(revised))
+    # The report follows the committed counters, so a failed batch leaves no trace in it either.
+    report.pages += len(batch)
     report.insertions += counts.inserted
     report.revisions += counts.revised
     report.skipped += counts.skipped

@@ -11,6 +11,7 @@ Differences from the reference, all invisible on the wire:
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -80,8 +81,12 @@ class Regions:
 
     def served(self, key_regions: Iterable[str]) -> list[str]:
         """The regions to send with a key: its own, narrowed to the include set, without the excluded ones."""
-        return sorted(r for r in set(key_regions)
-                      if (not self.include or r in self.include) and r not in self.exclude)
+        return list(self._served(tuple(key_regions)))
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - a Regions lives for one Fetch; keys repeat a few lists
+    def _served(self, key_regions: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted(r for r in set(key_regions)
+                            if (not self.include or r in self.include) and r not in self.exclude))
 
 
 def effective_regions(include: Iterable[str], exclude: Iterable[str],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -70,6 +71,13 @@ def _validate_key(index: int, key: ExposureKeyInput, settings: Settings, now: da
                                     settings, now)
 
 
+@functools.lru_cache(maxsize=8)
+def _bounds(now: datetime, max_age: timedelta, window: timedelta) -> tuple[int, int, datetime]:
+    """Oldest acceptable key end, current interval and created_at for ``now`` (a federation page or an imported
+    file validates thousands of keys against one ``now``)."""
+    return interval_number(now - max_age), interval_number(now), truncate(now, window)
+
+
 def validate_key_fields(raw: bytes, rolling_start: int, rolling_period: int, transmission_risk: int,
                         settings: Settings, now: datetime) -> datetime:
     """The publish rules for one key's fields, in the reference's order; returns its created_at (embargo
@@ -78,17 +86,15 @@ def validate_key_fields(raw: bytes, rolling_start: int, rolling_period: int, tra
         raise ValueError(f"invalid key length, {len(raw)}, must be {KEY_LENGTH}")
     if not 1 <= rolling_period <= INTERVALS_PER_DAY:
         raise ValueError(f"invalid interval count, {rolling_period}, must be >= 1 && <= {INTERVALS_PER_DAY}")
-    min_interval = interval_number(now - settings.max_interval_age_on_publish)
+    min_interval, current, created_at = _bounds(now, settings.max_interval_age_on_publish, settings.truncate_window)
     end = rolling_start + rolling_period
     # The reference rejects `validUntil <= min` (its message says ">=", which is off by one).
     if end <= min_interval:
         raise ValueError(
             f"key expires before minimum window; {rolling_start} + {rolling_period} = {end}"
             f" which is too old, must be >= {min_interval}")
-    current = interval_number(now)
     if rolling_start > current:
         raise ValueError(f"interval number {rolling_start} is in the future, must be <= {current}")
-    created_at = truncate(now, settings.truncate_window)
     if end > current and not settings.debug_release_same_day_keys:
         # Still valid: accept, but embargo until the key has expired (plus the truncate window).
         created_at = truncate(time_of_interval(end) + settings.truncate_window, settings.truncate_window)

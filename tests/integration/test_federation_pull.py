@@ -165,7 +165,9 @@ def _no_queries(engine) -> Iterator[None]:
 
 @pytest.fixture
 def fsettings(settings, tmp_path):
-    return settings.replace(key_dir=tmp_path / "keys", federation_rpc_timeout=timedelta(seconds=5))
+    # One page per transaction, so the tests can name the page a failure stops at (batching is tested apart).
+    return settings.replace(key_dir=tmp_path / "keys", federation_rpc_timeout=timedelta(seconds=5),
+                            federation_store_batch=1)
 
 
 def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -687,3 +689,35 @@ def test_cli_pull_with_tls_to_a_plaintext_server_fails_clearly(cli, tmp_path, pa
     assert code == 0, err
     code, _, err = cli("federation", "pull", "--query", "q1")
     assert code == 1 and "federation pull of query 'q1' (partner 'q1'" in err and "UNAVAILABLE" in err
+
+
+def test_batched_pages_keep_their_cursor_with_their_keys(engine, fsettings, partner, key, monkeypatch):
+    """With many pages per transaction (the default), a crash loses only whole uncommitted batches: whatever the
+    grouping the prefetcher happened to produce, the saved cursor always matches the stored keys exactly."""
+    settings = fsettings.replace(federation_store_batch=1000)
+    now = datetime.now(UTC)
+    pages = [[tek(now) for _ in range(3)] for _ in range(6)]
+    nexts = partner.script(pages)
+    add_query(engine, settings.key_dir, "q1", partner.addr, key)
+    real = pull_module.store_foreign_keys
+    calls = []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return result
+
+    monkeypatch.setattr(pull_module, "store_foreign_keys", crashing)
+    try:
+        pull_query(settings, engine, "q1", now)
+    except FederationPullError as exc:
+        assert "disk on fire" in str(exc)
+    saved = query_row(engine, "q1").cursors.primary_cursor
+    upto = 0 if saved is None else [n.keyCursor.nextToken for n in nexts].index(saved) + 1
+    assert set(stored(engine)) == {k.exposureKey for p in pages[:upto] for k in p}
+    monkeypatch.setattr(pull_module, "store_foreign_keys", real)
+    report = pull_query(settings, engine, "q1", datetime.now(UTC))
+    assert report.status == COMPLETE and report.skipped == 0
+    assert set(stored(engine)) == {k.exposureKey for p in pages for k in p} and exposure_count(engine) == 18
