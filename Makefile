@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint up down status bench-publish bench-export bench-cleanup proto clean
+.PHONY: install test lint up down status bench-publish bench-export bench-cleanup bench-federation proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-export: install
 
 bench-cleanup: install
 	$(BIN)/python bench/cleanup_bench.py $(BENCH_ARGS)
+
+bench-federation: install
+	$(BIN)/python bench/federation_bench.py $(BENCH_ARGS)
 
 proto: install
 	PATH=$(BIN):$$PATH bash scripts/gen_protos.sh
