@@ -24,7 +24,8 @@ os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="enp-test-airflow-
 
 TABLES = ("exposure, authorized_app, health_authority_key, health_authority, revision_key, export_file, "
           "export_shard, export_batch, export_config, signature_info, federation_in_sync, federation_in_query, "
-          "federation_out_authorization, import_file, export_importer_key, export_importer")
+          "federation_out_authorization, import_file, export_importer_key, export_importer, efgs_upload_batch, "
+          "efgs_push_window, efgs_pull_cursor, efgs_download, efgs_target")
 
 
 @pytest.fixture(scope="session")

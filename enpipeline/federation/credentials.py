@@ -61,7 +61,12 @@ def store_credentials(key_dir: Path, name: str, pem: bytes) -> str:
 
     Replaces an older file of that name atomically: callers check first that no configured query uses it.
     """
-    data = parse_private_key(pem, "the credentials key")
+    return write_key_file(key_dir, name, parse_private_key(pem, "the credentials key"))
+
+
+def write_key_file(key_dir: Path, name: str, data: bytes) -> str:
+    """Write ``data`` (private key material, already checked) as ``<key_dir>/<name>.pem``, mode 0600, atomically;
+    returns its ``file:<name>`` reference. EFGS credentials (RSA or EC, with a certificate) are stored this way."""
     path = _path(key_dir, name)
     root = path.parent
     if not root.is_dir():
@@ -81,6 +86,13 @@ def store_credentials(key_dir: Path, name: str, pem: bytes) -> str:
             os.unlink(tmp)
     log.info("stored federation credentials %s in %s", name, root)
     return FILE_REF_PREFIX + name
+
+
+def key_file_path(key_dir: Path, ref: str) -> Path:
+    """The file behind a ``file:<name>`` reference (which need not exist)."""
+    if not ref.startswith(FILE_REF_PREFIX):
+        raise CredentialsError(f"credentials {ref!r} is not a filesystem key reference (file:<name>)")
+    return _path(key_dir, ref[len(FILE_REF_PREFIX):])
 
 
 def load_credentials(key_dir: Path, ref: str) -> bytes:

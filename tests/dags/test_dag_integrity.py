@@ -145,3 +145,22 @@ def test_en_federation_pull_maps_over_queries_and_importers(report):
     assert tasks["list_queries"]["upstream"] == [] and tasks["list_importers"]["upstream"] == []
     facts = dag["timetable"]
     assert facts["summary"] == "*/15 * * * *" and facts["periodic"]
+
+
+def test_en_federation_push_maps_over_targets_on_a_data_interval_timetable(report):
+    dag = report["dags"]["en_federation_push"]
+    assert dag["tags"] == ["enpipeline", "federation"] and dag["max_active_runs"] == 1
+    tasks = dag["tasks"]
+    assert set(tasks) == {"list_targets", "push"}
+    assert tasks["push"]["upstream"] == ["list_targets"] and tasks["push"]["class"] == "DecoratedMappedOperator"
+    facts = dag["timetable"]
+    assert facts["class"] == "CronDataIntervalTimetable" and facts["summary"] == "0 * * * *"
+    assert all(end - start == timedelta(hours=1) for _, start, end, _ in _intervals(facts))
+
+
+def test_en_efgs_pull_maps_over_targets(report):
+    dag = report["dags"]["en_efgs_pull"]
+    tasks = dag["tasks"]
+    assert set(tasks) == {"list_targets", "pull"}
+    assert tasks["pull"]["upstream"] == ["list_targets"] and tasks["pull"]["class"] == "DecoratedMappedOperator"
+    assert dag["timetable"]["summary"] == "*/30 * * * *" and dag["max_active_runs"] == 1
