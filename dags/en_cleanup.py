@@ -14,7 +14,9 @@ Tasks:
 4. **rebuild_indexes**: each affected config's `index.txt` is rewritten without them.
 5. **sweep_exports**: their blobs (a missing one is fine) and rows are deleted, after checking that the
    index no longer names them; batches end `DELETED`.
-6. **rotate_revision_keys**: a new revision-token key every `ENP_REVISION_NEW_KEY_PERIOD`, old ones destroyed
+6. **expire_federation_state**: key bytes that federation keeps as bookkeeping (EFGS upload batch boundaries)
+   past the cutoff are cleared.
+7. **rotate_revision_keys**: a new revision-token key every `ENP_REVISION_NEW_KEY_PERIOD`, old ones destroyed
    `ENP_REVISION_DELETE_OLD_KEY_PERIOD` after their successor appeared.
 
 Each task logs its counts. The same path runs from the shell: `enpipeline cleanup run [--dry-run]`.
@@ -99,6 +101,14 @@ def en_cleanup():
             return report_dict(cleaner.sweep_exports(pendulum.now("UTC")))
 
     @task
+    def expire_federation_state() -> dict:
+        from enpipeline.retention import report_dict
+        from plugins.enp_hooks import retention_cleaner
+
+        with retention_cleaner() as cleaner:
+            return report_dict(cleaner.expire_federation_state(cleaner.cutoff(_interval_end())))
+
+    @task
     def rotate_revision_keys() -> dict:
         from enpipeline.retention import report_dict
         from plugins.enp_hooks import retention_cleaner
@@ -108,6 +118,7 @@ def en_cleanup():
 
     ensure_partitions() >> expire_keys()
     mark_expired_exports() >> rebuild_indexes() >> sweep_exports()
+    expire_federation_state()
     rotate_revision_keys()
 
 

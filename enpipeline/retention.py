@@ -101,6 +101,11 @@ class SweepReport:
 
 
 @dataclass
+class FederationStateReport:
+    efgs_batches_cleared: int = 0
+
+
+@dataclass
 class RotationReport:
     created: int | None = None
     destroyed: list[int] = field(default_factory=list)
@@ -270,6 +275,17 @@ class RetentionCleaner:
         except BlobNotFound:
             return []
 
+    # -- other key material --------------------------------------------------------------------------
+
+    def expire_federation_state(self, cutoff: datetime, *, dry_run: bool = False) -> FederationStateReport:
+        """Key bytes kept as bookkeeping by federation (EFGS upload batch boundaries) past the cutoff are cleared."""
+        report = FederationStateReport()
+        with self.engine.begin() as conn:
+            report.efgs_batches_cleared = db.clear_efgs_key_bounds(conn, cutoff, dry_run=dry_run)
+        log.info("federation state before %s: %d EFGS upload batch key range(s) cleared%s", cutoff.isoformat(),
+                 report.efgs_batches_cleared, " (dry run)" if dry_run else "")
+        return report
+
     # -- revision keys --------------------------------------------------------------------------------
 
     def rotate_revision_keys(self, now: datetime, *, dry_run: bool = False) -> RotationReport:
@@ -304,6 +320,7 @@ class RetentionCleaner:
             "mark": report_dict(self.mark_expired_exports(cutoff, dry_run=dry_run)),
             "index": report_dict(self.rebuild_indexes(now, dry_run=dry_run)),
             "sweep": report_dict(self.sweep_exports(now, dry_run=dry_run)),
+            "federation_state": report_dict(self.expire_federation_state(cutoff, dry_run=dry_run)),
             "revision_keys": report_dict(self.rotate_revision_keys(now, dry_run=dry_run)),
         }
 

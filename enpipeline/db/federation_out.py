@@ -139,7 +139,9 @@ def _page_statement(stream: str, filt: KeyFilter, after: Position, until: dateti
     # per-partition index range scans that stops after `limit` rows, never a sort of a whole window.
     where = [f"({at}, exposure_key) > (CAST(:after_at AS TIMESTAMPTZ), CAST(:after_key AS BYTEA))",
              f"{at} < :until",
-             f"app_package_name IS DISTINCT FROM '{GENERATED_APP}'"]  # export padding is never real
+             f"app_package_name IS DISTINCT FROM '{GENERATED_APP}'",  # export padding is never real
+             # Keys from the EU gateway may only be used by the country that downloaded them (EFGS terms).
+             "(sync_query_id IS NULL OR sync_query_id NOT LIKE 'efgs:%')"]
     params: dict = {"after_at": after.at, "after_key": after.key, "until": until, "limit": limit}
     if stream == "primary":
         # Implied by the row comparison, but only a plain bound lets the planner skip older day partitions.

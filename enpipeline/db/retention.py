@@ -188,3 +188,14 @@ def finish_deleted_batches(conn: Connection, config_id: int, now: datetime) -> i
 
 def batch_status_counts(conn: Connection) -> dict[str, int]:
     return dict(conn.execute(sa.text("SELECT status, count(*) FROM export_batch GROUP BY status")).all())
+
+
+def clear_efgs_key_bounds(conn: Connection, cutoff: datetime, *, dry_run: bool = False) -> int:
+    """EFGS upload batches record their key range as key bytes; past retention those bytes go (the counts stay).
+
+    Returns how many batches had (dry run: have) key bytes to clear."""
+    where = " WHERE window_end <= :cutoff AND (key_from IS NOT NULL OR key_to IS NOT NULL)"
+    if dry_run:
+        return conn.execute(sa.text("SELECT count(*) FROM efgs_upload_batch" + where), {"cutoff": cutoff}).scalar_one()
+    return conn.execute(sa.text("UPDATE efgs_upload_batch SET key_from = NULL, key_to = NULL" + where),
+                        {"cutoff": cutoff}).rowcount

@@ -125,7 +125,7 @@ def test_en_cleanup_wiring_each_step_its_own_task(report):
     assert dag["max_active_runs"] == 1  # two cleanups of different intervals never interleave their steps
     tasks = dag["tasks"]
     assert set(tasks) == {"ensure_partitions", "expire_keys", "mark_expired_exports", "rebuild_indexes",
-                          "sweep_exports", "rotate_revision_keys"}
+                          "sweep_exports", "expire_federation_state", "rotate_revision_keys"}
     assert tasks["expire_keys"]["upstream"] == ["ensure_partitions"]
     assert tasks["rebuild_indexes"]["upstream"] == ["mark_expired_exports"]
     assert tasks["sweep_exports"]["upstream"] == ["rebuild_indexes"]  # blobs go only after the index dropped them

@@ -44,7 +44,8 @@ def test_dag_test_expires_keys_and_export_files(airflow: AirflowEnv, engine, set
         assert run.data_interval == [(today - DAY).isoformat(), today.isoformat()]
         assert run.task_states() == {t: ["success"] for t in ("ensure_partitions", "expire_keys",
                                                                "mark_expired_exports", "rebuild_indexes",
-                                                               "sweep_exports", "rotate_revision_keys")}
+                                                               "sweep_exports", "expire_federation_state",
+                                                               "rotate_revision_keys")}
         expire = run.returns["expire_keys"]["-1"]
         assert {f"exposure_p{first + d * DAY:%Y%m%d}" for d in range(3)} <= set(expire["dropped_partitions"])
         assert run.returns["mark_expired_exports"]["-1"]["files"] == 6

@@ -330,6 +330,13 @@ def test_export_padding_is_never_served(stub, token, fed_engine):
     assert served([response]) == [key(1)] and not response.revisedKeys
 
 
+def test_keys_from_the_eu_gateway_are_never_served(stub, token, fed_engine):
+    """EFGS keys may only be used by the country that downloaded them: no partner gets them from us."""
+    insert(fed_engine, [exposure(key(1), W3), exposure(key(2), W3, local=False, app=None, sync_query_id="efgs:eu"),
+                        exposure(key(3), W3, local=False, app=None, sync_query_id="from-ca")])
+    assert served([fetch(stub, token)]) == [key(1), key(3)]
+
+
 def test_open_window_is_not_served_until_it_closes(stub, token, fed_engine, clock, partner_key, settings):
     insert(fed_engine, [exposure(key(1), W3), exposure(key(2), OPEN)])
     responses, state = drain(stub, token)

@@ -419,6 +419,35 @@ def test_a_file_written_after_its_batch_was_marked_does_not_come_back(exports):
     assert file_rows(env) == {}
 
 
+# -- federation bookkeeping ------------------------------------------------------------------------
+
+def test_efgs_upload_batch_key_ranges_are_cleared_past_the_cutoff(own_engine, cleaner):
+    with own_engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO efgs_target (target_id, url, country, client_cert, tls_credentials, signing_cert,"
+            " signing_credentials, created_at) VALUES ('eu', 'https://efgs.example', 'DE', 'c', 'file:a', 's',"
+            " 'file:b', now())"))
+        for day in (1, 5):
+            start = T0 + day * DAY
+            window = conn.execute(sa.text(
+                "INSERT INTO efgs_push_window (target_id, window_start, window_end, key_count, batches, planned_at)"
+                " VALUES ('eu', :s, :e, 2, 1, now()) RETURNING window_id"), {"s": start, "e": start + HOUR}).scalar()
+            conn.execute(sa.text(
+                "INSERT INTO efgs_upload_batch (window_id, batch_num, target_id, window_start, window_end, batch_tag,"
+                " key_from, key_to, key_count, status, updated_at) VALUES (:w, 1, 'eu', :s, :e, :tag, :f, :t, 2,"
+                " 'FAILED', now())"),
+                {"w": window, "s": start, "e": start + HOUR, "tag": f"DE-{day}", "f": os.urandom(16),
+                 "t": os.urandom(16)})
+    cutoff = T0 + 3 * DAY
+    assert cleaner.expire_federation_state(cutoff, dry_run=True).efgs_batches_cleared == 1
+    assert cleaner.expire_federation_state(cutoff).efgs_batches_cleared == 1
+    assert cleaner.expire_federation_state(cutoff).efgs_batches_cleared == 0
+    with own_engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT batch_tag, key_from IS NULL, key_to IS NULL, key_count"
+                                    " FROM efgs_upload_batch ORDER BY batch_tag")).all()
+    assert [tuple(r) for r in rows] == [("DE-1", True, True, 2), ("DE-5", False, False, 2)]
+
+
 # -- revision keys ---------------------------------------------------------------------------------
 
 def test_revision_key_rotation_timeline_on_postgres(own_engine, cleaner):
