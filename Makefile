@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint up down status bench-publish bench-export bench-cleanup bench-federation proto clean
+.PHONY: install test lint browser up down status bench-publish bench-export bench-cleanup bench-federation proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,10 +21,25 @@ install: $(STAMP)
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+test: install lint browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Embedded Postgres under ./var, migrations, a demo seed and the API on 127.0.0.1:8080.
+# Debian's Chromium for the browser test (tests/e2e): Playwright drives /usr/bin/chromium and never downloads
+# a browser of its own. Installed once (needs root or sudo); quiet unless apt fails.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  echo "installing Debian's chromium for the browser test (tests/e2e)"; \
+	  log=$$(mktemp); \
+	  if ! { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y -qq chromium; } >"$$log" 2>&1; then \
+	    tail -n 30 "$$log"; echo "make browser: could not install chromium (log: $$log)"; exit 1; \
+	  fi; \
+	  rm -f "$$log"; \
+	fi
+
+# Embedded Postgres under ./var, migrations, a demo seed, the API on 127.0.0.1:8080 and Airflow (UI on :8081).
 up: install
 	$(BIN)/enpipeline local up
 

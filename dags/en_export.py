@@ -22,6 +22,7 @@ Every step converges on the same files when re-run. Database: Airflow connection
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
@@ -29,6 +30,8 @@ import pendulum
 from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
 
 SCHEDULE = os.environ.get("ENP_EXPORT_SCHEDULE", "0 * * * *")
+# Not print(): stdout reaches the task log late, after lines logged since (the UI folds it into "Post Execute").
+log = logging.getLogger("dags.en_export")
 
 
 def _interval() -> tuple:
@@ -69,7 +72,8 @@ def en_export():
         if result.failures:
             raise RuntimeError("export planning failed for config(s): "
                                + "; ".join(f"{name}: {why}" for name, why in result.failures.items()))
-        print(f"planned {len(result.tasks)} file(s) in {len(result.batch_ids)} batch(es) for {start} .. {end}")
+        log.info(f"planned {len(result.tasks)} file(s) in {len(result.batch_ids)} batch(es) for {start} .. {end} "
+                 f"({result.configs} enabled export config(s))")
         return [t.to_dict() for t in result.tasks]
 
     @task(max_active_tis_per_dagrun=2)
@@ -77,8 +81,13 @@ def en_export():
         from enpipeline.export.pipeline import ShardTask
         from plugins.enp_hooks import export_pipeline
 
-        with export_pipeline() as pipeline:
-            return pipeline.export_shard(ShardTask.from_dict(shard), pendulum.now("UTC"))
+        task = ShardTask.from_dict(shard)
+        try:
+            with export_pipeline() as pipeline:
+                return pipeline.export_shard(task, pendulum.now("UTC"))
+        except Exception as exc:  # name the config and file in the failure, whatever the cause
+            raise RuntimeError(f"export config {task.config!r} batch {task.batch_id} file {task.shard_num} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
 
     @task(trigger_rule="none_failed")
     def finalize() -> dict:
@@ -88,9 +97,12 @@ def en_export():
         with export_pipeline() as pipeline:
             batch_ids = pipeline.batches_for_interval(start, end)
             done = pipeline.finalize(batch_ids, pendulum.now("UTC"))
-        return {"batches": len(batch_ids), "completed": len(done),
-                "keys": sum(s.get("keys", 0) for s in done.values()),
-                "files": sum(s.get("files", 0) for s in done.values())}
+        summary = {"batches": len(batch_ids), "completed": len(done),
+                   "keys": sum(s.get("keys", 0) for s in done.values()),
+                   "files": sum(s.get("files", 0) for s in done.values())}
+        log.info(f"finalized {summary['completed']} of {summary['batches']} batch(es) for {start} .. {end}: "
+                 f"{summary['keys']} keys in {summary['files']} file(s)")
+        return summary
 
     shards = export_shard.expand(shard=plan())
     shards >> finalize()

@@ -19,6 +19,7 @@ Tasks return counts only. The same paths from the shell: `enpipeline federation 
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
@@ -26,6 +27,8 @@ import pendulum
 from airflow.sdk import dag, task
 
 SCHEDULE = os.environ.get("ENP_FEDERATION_PULL_SCHEDULE", "*/15 * * * *")
+# Not print(): stdout reaches the task log late, after lines logged since (the UI folds it into "Post Execute").
+log = logging.getLogger("dags.en_federation_pull")
 
 
 @dag(
@@ -53,7 +56,9 @@ def en_federation_pull():
         from plugins.enp_hooks import enp_engine
 
         with enp_engine() as engine, engine.connect() as conn:
-            return federation_in.list_query_ids(conn)
+            ids = federation_in.list_query_ids(conn)
+        log.info(f"{len(ids)} federation query(ies) to pull" + (f": {', '.join(ids)}" if ids else ""))
+        return ids
 
     @task(max_active_tis_per_dagrun=4)
     def pull(query_id: str) -> dict:
@@ -64,7 +69,7 @@ def en_federation_pull():
         settings = load_settings(require_database=False)
         with enp_engine() as engine:
             report = pull_query(settings, engine, query_id, pendulum.now("UTC"))
-        print(report.summary())
+        log.info(report.summary())
         return report.as_dict()
 
     @task
@@ -76,10 +81,12 @@ def en_federation_pull():
         except ModuleNotFoundError as exc:
             if exc.name != "enpipeline.db.importer":
                 raise
-            print("export importer not installed: nothing to import")
+            log.info("export importer not installed: nothing to import")
             return []
         with enp_engine() as engine, engine.connect() as conn:
-            return list(list_importer_names(conn))
+            names = list(list_importer_names(conn))
+        log.info(f"{len(names)} export importer(s) to run" + (f": {', '.join(names)}" if names else ""))
+        return names
 
     @task(max_active_tis_per_dagrun=4)
     def import_exports(importer: str) -> dict:
@@ -89,8 +96,11 @@ def en_federation_pull():
 
         settings = load_settings(require_database=False)
         with enp_engine() as engine:
-            report = run_import(settings, engine, importer, pendulum.now("UTC"))
-        return report.as_dict()
+            r = run_import(settings, engine, importer, pendulum.now("UTC"))
+        log.info(f"importer {importer!r}: {r.files_seen} file(s) in the index, {r.files_imported} imported, "
+                 f"{r.files_skipped} done before, {r.files_failed} failed; keys {r.keys_inserted} inserted, "
+                 f"{r.keys_revised} revised, {r.keys_skipped} skipped, {r.keys_rejected} rejected")
+        return r.as_dict()
 
     pull.expand(query_id=list_queries())
     import_exports.expand(importer=list_importers())

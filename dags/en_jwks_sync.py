@@ -14,6 +14,7 @@ reason, after the healthy authorities were synced. The same path: `enpipeline he
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
@@ -21,6 +22,8 @@ import pendulum
 from airflow.sdk import dag, task
 
 SCHEDULE = os.environ.get("ENP_JWKS_SYNC_SCHEDULE", "*/5 * * * *")
+# Not print(): stdout reaches the task log late, after lines logged since (the UI folds it into "Post Execute").
+log = logging.getLogger("dags.en_jwks_sync")
 
 
 @dag(
@@ -51,6 +54,10 @@ def en_jwks_sync():
                                                 cleanup_ttl=settings.health_authority_key_cleanup_ttl,
                                                 max_bytes=settings.jwks_max_bytes)
         summary = {r.issuer: r.as_row() for r in report.results}
+        ok = [r for r in report.results if not r.error]
+        counts = ", ".join(f"{sum(getattr(r, k) for r in ok)} {k}"
+                           for k in ("added", "restored", "revoked", "purged", "unchanged"))
+        log.info(f"synced {len(ok)} of {len(report.results)} health authority(ies) with a jwks_uri; keys: {counts}")
         report.raise_for_failures()
         return summary
 

@@ -301,7 +301,10 @@ def cmd_api(args: argparse.Namespace) -> None:
 def cmd_local(args: argparse.Namespace) -> None:
     from enpipeline import local
 
-    {"up": local.up, "down": local.down, "status": local.status}[args.action](Path(args.var_dir))
+    if args.action == "up":
+        local.up(Path(args.var_dir), api_port=args.api_port, airflow_port=args.airflow_port, airflow=args.airflow)
+    else:
+        {"down": local.down, "status": local.status}[args.action](Path(args.var_dir))
 
 
 # -- synthetic data ----------------------------------------------------------------------------------
@@ -325,6 +328,43 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"generated {report.rows:,} keys over {len(report.days)} day(s) {first.isoformat()}..{last.isoformat()}"
           f" (regions {','.join(report.regions)}, seed {report.seed}) in {report.seconds:.2f}s:"
           f" {report.rows_per_second:,.0f} rows/s")
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from enpipeline import local
+    from enpipeline.simulate import (
+        SimulateError,
+        SimulateOptions,
+        format_summary,
+        load_health_authority,
+        progress_stream,
+        run_simulation,
+    )
+
+    if args.ha_key:
+        missing = [flag for flag, value in (("--issuer", args.issuer), ("--audience", args.audience),
+                                            ("--app", args.app)) if not value]
+        if missing:
+            raise CliError(f"--ha-key needs {', '.join(missing)} as well (demo values apply only without it)")
+        key_path = Path(args.ha_key)
+    else:
+        key_path = Path(args.var_dir) / "demo" / "verification-key.pem"
+        if not key_path.exists():
+            raise CliError(f"no demo health authority key at {key_path}: run `make up` first, or give"
+                           " --ha-key PEM --issuer ISS --audience AUD --app APP")
+    options = SimulateOptions(publishes=args.publishes, url=args.url, rate=args.rate, chaff_ratio=args.chaff_ratio,
+                              revision_ratio=args.revision_ratio, concurrency=args.concurrency, seed=args.seed,
+                              timeout=args.timeout)
+    try:
+        authority = load_health_authority(key_path, issuer=args.issuer or local.DEMO_ISSUER,
+                                          audience=args.audience or local.DEMO_AUDIENCE, kid=args.kid,
+                                          app=args.app or local.DEMO_APP)
+        summary = run_simulation(options, authority, clock=_now, progress=progress_stream())
+    except SimulateError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else format_summary(summary))
+    if not summary.ok:
+        raise SystemExit(1)
 
 
 # -- parser ------------------------------------------------------------------------------------------
@@ -406,6 +446,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--now", metavar="ISO", help="pretend it is this time (default now)")
     p.add_argument("--seed", type=int, help="reproduce the keys of an earlier run (default random)")
 
+    p = add(sub, "simulate", cmd_simulate,
+            "act as a population of phones against a running publish API: signed publishes, revisions, chaff"
+            " (exit 1 on 5xx or connection errors)")
+    p.add_argument("--publishes", type=int, required=True, metavar="N", help="phones that publish their keys")
+    p.add_argument("--rate", type=float, metavar="R",
+                   help="at most R requests/s, publishes, revisions and chaff together (default unlimited)")
+    p.add_argument("--chaff-ratio", type=float, default=0.1, metavar="X", help="chaff requests per publish (0.1)")
+    p.add_argument("--revision-ratio", type=float, default=0.1, metavar="Y",
+                   help="share of phones that later revise their report type, e.g. likely -> confirmed (0.1)")
+    p.add_argument("--concurrency", type=int, default=4, metavar="C", help="phones sending at once (4)")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the API's base URL (http://127.0.0.1:8080)")
+    p.add_argument("--var-dir", default="var", help="where `make up` put the demo health authority key (var)")
+    p.add_argument("--ha-key", metavar="PEM", help="the health authority's ES256 private key instead of the demo's")
+    p.add_argument("--issuer", metavar="ISS", help="certificate iss (demo: enpipeline-demo-ha)")
+    p.add_argument("--audience", metavar="AUD", help="certificate aud (demo: enpipeline)")
+    p.add_argument("--kid", default="v1", help="certificate kid (v1)")
+    p.add_argument("--app", metavar="APP", help="healthAuthorityID to publish as (demo: com.example.enpipeline.demo)")
+    p.add_argument("--seed", type=int, metavar="S", help="reproduce the mix of an earlier run (keys are always new)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per request (30)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     from enpipeline import cli_export
 
     cli_export.register(sub, add)
@@ -415,10 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     from enpipeline import cli_federation
 
     cli_federation.register(sub, add)
+    from enpipeline import cli_efgs
+
+    cli_efgs.register(sub, add)
 
     p = add(sub, "local", cmd_local, "run the local stack on the embedded Postgres (used by make up/down)")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--var-dir", default="var")
+    p.add_argument("--api-port", type=int, help="publish API port (default ENP_LOCAL_API_PORT or 8080)")
+    p.add_argument("--airflow-port", type=int, help="Airflow UI/API port (default ENP_LOCAL_AIRFLOW_PORT or 8081)")
+    p.add_argument("--no-airflow", dest="airflow", action="store_false", help="up: only Postgres and the API")
     return parser
 
 

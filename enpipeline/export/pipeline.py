@@ -55,6 +55,7 @@ class PlanResult:
     tasks: list[ShardTask] = field(default_factory=list)
     batch_ids: list[int] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # config name -> reason
+    configs: int = 0  # enabled export configs looked at
 
 
 class ExportError(Exception):
@@ -127,6 +128,7 @@ class ExportPipeline:
         result = PlanResult()
         with self.engine.connect() as conn:
             configs = export_db.list_export_configs(conn, include_disabled=False)
+        result.configs = len(configs)
         for cfg in configs:
             try:
                 for start, end in self.windows(cfg, interval_start, interval_end):
