@@ -39,7 +39,7 @@ browser:
 	  rm -f "$$log"; \
 	fi
 
-# Embedded Postgres under ./var, migrations, a demo seed, the API on 127.0.0.1:8080 and Airflow (UI on :8081).
+# Embedded Postgres under ./var, migrations, a demo seed, the API on 127.0.0.1:8080 and Airflow (UI on :8088).
 up: install
 	$(BIN)/enpipeline local up
 

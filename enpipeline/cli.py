@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--var-dir", default="var")
     p.add_argument("--api-port", type=int, help="publish API port (default ENP_LOCAL_API_PORT or 8080)")
-    p.add_argument("--airflow-port", type=int, help="Airflow UI/API port (default ENP_LOCAL_AIRFLOW_PORT or 8081)")
+    p.add_argument("--airflow-port", type=int, help="Airflow UI/API port (default ENP_LOCAL_AIRFLOW_PORT or 8088)")
     p.add_argument("--no-airflow", dest="airflow", action="store_false", help="up: only Postgres and the API")
     return parser
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from enpipeline.config import load_settings
 
 API_HOST, API_PORT = "127.0.0.1", 8080
-AIRFLOW_PORT = 8081
+AIRFLOW_PORT = 8088  # as in docker/compose.yaml; 8081 is the federation server's default
 START_TIMEOUT = 300.0  # seconds for every component to become healthy (ENP_LOCAL_START_TIMEOUT); 2 cores are slow
 STOP_GRACE = 30.0      # seconds between SIGTERM and SIGKILL of a process group
 DEMO_ISSUER = "enpipeline-demo-ha"

@@ -19,11 +19,11 @@ EMBEDDED = "postgresql://postgres:@/postgres?host=/srv/var/pgdata"
 EXTERNAL = "postgresql://enp:secret@db.internal:5432/enp"
 
 
-def test_ports_default_to_8080_and_8081_and_follow_the_environment(monkeypatch):
+def test_ports_default_to_8080_and_8088_and_follow_the_environment(monkeypatch):
     for name in ("ENP_LOCAL_API_PORT", "ENP_LOCAL_AIRFLOW_PORT", "ENP_LOCAL_AIRFLOW_WORKER_LOG_PORT",
                  "ENP_LOCAL_AIRFLOW_TRIGGER_LOG_PORT"):
         monkeypatch.delenv(name, raising=False)
-    assert local.Ports.from_env() == local.Ports(api=8080, airflow=8081, worker_logs=8793, trigger_logs=8794)
+    assert local.Ports.from_env() == local.Ports(api=8080, airflow=8088, worker_logs=8793, trigger_logs=8794)
     monkeypatch.setenv("ENP_LOCAL_AIRFLOW_PORT", "9001")
     assert local.Ports.from_env().airflow == 9001
     assert local.Ports.from_env(airflow=9002).airflow == 9002  # a flag beats the environment
