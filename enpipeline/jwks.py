@@ -25,21 +25,18 @@ import binascii
 import json
 import logging
 import re
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from http.client import HTTPException
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.engine import Engine
 
+from enpipeline import httpget
 from enpipeline.db import authorities
 from enpipeline.verification import HealthAuthority, HealthAuthorityKey
 
@@ -62,7 +59,6 @@ logger = logging.getLogger("enpipeline.jwks")
 DEFAULT_MAX_BYTES = 256 * 1024
 # The reference runs at most this many authorities at once (MAX_WORKERS).
 DEFAULT_MAX_WORKERS = 5
-_READ_CHUNK = 64 * 1024
 # RFC 7515 base64url, padding tolerated (some publishers add it).
 _B64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 
@@ -187,26 +183,6 @@ def _one_line(text: str) -> str:
 
 # -- fetching -------------------------------------------------------------------------------------------
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to http(s): urllib alone would follow one to ftp://."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise urllib.error.URLError(f"refusing to follow a redirect to {newurl!r}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _opener() -> urllib.request.OpenerDirector:
-    # Built by hand rather than build_opener() so no file:, ftp: or data: handler is ever reachable.
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
-                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(), _HttpOnlyRedirects(),
-                    urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    return opener
-
-
 def fetch_jwks(url: str, timeout: timedelta, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """GET ``url`` (http or https only) and return the body of a 200 response, at most ``max_bytes`` long.
 
@@ -217,43 +193,20 @@ def fetch_jwks(url: str, timeout: timedelta, max_bytes: int = DEFAULT_MAX_BYTES)
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise JwksError(f"only http and https URLs are allowed, got {scheme + ':' if scheme else 'no scheme'}")
-    seconds = timeout.total_seconds()
-    deadline = time.monotonic() + seconds
-    # S310: the scheme was checked above and the opener has no other handlers.
-    request = urllib.request.Request(  # noqa: S310
-        url, headers={"Accept": "application/json", "User-Agent": "enpipeline-jwks"})
     try:
-        with _opener().open(request, timeout=seconds) as response:
-            if response.status != 200:
-                raise JwksError(f"HTTP status {response.status}, expected 200")
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise JwksError(f"body is {int(declared)} bytes, more than the {max_bytes} bytes allowed")
-            chunks: list[bytes] = []
-            size = 0
-            # read1 returns what one socket read brings, so the deadline is checked while a server trickles.
-            while chunk := response.read1(min(_READ_CHUNK, max_bytes + 1 - size)):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise JwksError(f"body is more than the {max_bytes} bytes allowed")
-                if time.monotonic() > deadline:
-                    raise JwksError(f"timed out after {seconds:g}s")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if 300 <= exc.code < 400:  # urllib refuses redirects to schemes other than http(s) and ftp this way
-            location = exc.headers.get("Location", "") if exc.headers else ""
-            raise JwksError(f"HTTP status {exc.code}: redirect to {location!r} not followed") from None
-        raise JwksError(f"HTTP status {exc.code}, expected 200") from None
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, TimeoutError):
-            raise JwksError(f"timed out after {seconds:g}s") from None
-        raise JwksError(f"cannot fetch: {_one_line(str(exc.reason))}") from None
-    except TimeoutError:
-        raise JwksError(f"timed out after {seconds:g}s") from None
-    except (OSError, HTTPException, ValueError) as exc:  # resets, bad status lines, malformed URLs
-        raise JwksError(f"cannot fetch: {_one_line(str(exc)) or type(exc).__name__}") from None
+        return httpget.bounded_get(url, timeout=timeout, max_bytes=max_bytes,
+                                   headers={"Accept": "application/json", "User-Agent": "enpipeline-jwks"})
+    except httpget.BadStatus as exc:
+        if exc.location is not None:  # urllib refuses redirects to schemes other than http(s) and ftp this way
+            raise JwksError(f"HTTP status {exc.status}: redirect to {exc.location!r} not followed") from None
+        raise JwksError(f"HTTP status {exc.status}, expected 200") from None
+    except httpget.TooLarge as exc:
+        raise JwksError(f"body is {exc.declared} bytes, more than the {exc.limit} bytes allowed"
+                        if exc.declared is not None else f"body is more than the {exc.limit} bytes allowed") from None
+    except httpget.TimedOut as exc:
+        raise JwksError(str(exc)) from None
+    except httpget.Unreachable as exc:
+        raise JwksError(f"cannot fetch: {exc}") from None
 
 
 # -- planning -------------------------------------------------------------------------------------------

@@ -37,19 +37,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
+from enpipeline import httpget
 from enpipeline.blobstore import BlobNotFound, FilesystemBlobstore, GcsBlobstore, InvalidBlobName
 from enpipeline.config import Settings
 from enpipeline.db import importer as importer_db
@@ -77,7 +74,6 @@ logger = logging.getLogger("enpipeline.federation.importer")
 
 # The reference mirror's limit for an index; at ~55 bytes a line that is about 19,000 files.
 MAX_INDEX_BYTES = 1024 * 1024
-_READ_CHUNK = 64 * 1024
 MAX_REPORTED_FAILURES = 20
 # Characters that need no escaping in a URL path and mean the same on a filesystem; '%' is left out so an entry
 # never means one thing over http and another on disk.
@@ -164,59 +160,18 @@ def resolve_entry(index_url: str, entry: str, export_root: str | None = None) ->
 
 # -- fetching -------------------------------------------------------------------------------------------
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to http(s): a partner's CDN must not send us to file: or ftp:."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise urllib.error.URLError(f"refusing to follow a redirect to {newurl!r}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _opener() -> urllib.request.OpenerDirector:
-    # Built by hand rather than build_opener() so no file:, ftp: or data: handler is reachable from a URL we got.
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
-                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(), _HttpOnlyRedirects(),
-                    urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    return opener
-
-
 def _http_get(url: str, timeout: timedelta, max_bytes: int) -> bytes:
     """GET a 200 body of at most ``max_bytes``; the whole download is abandoned after ``timeout``."""
-    seconds = timeout.total_seconds()
-    deadline = time.monotonic() + seconds
-    request = urllib.request.Request(url, headers={"User-Agent": "enpipeline-importer"})  # noqa: S310 (http(s) only)
     try:
-        with _opener().open(request, timeout=seconds) as response:
-            if response.status != 200:
-                raise FetchError(f"HTTP status {response.status}, expected 200")
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise FileTooLarge(f"{int(declared)} bytes, more than the {max_bytes} allowed")
-            chunks: list[bytes] = []
-            size = 0
-            # read1 returns what one socket read brings, so the deadline is checked while a server trickles.
-            while chunk := response.read1(min(_READ_CHUNK, max_bytes + 1 - size)):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FileTooLarge(f"more than the {max_bytes} bytes allowed")
-                if time.monotonic() > deadline:
-                    raise FetchError(f"timed out after {seconds:g}s")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise FetchError(f"HTTP status {exc.code}") from None
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, TimeoutError):
-            raise FetchError(f"timed out after {seconds:g}s") from None
-        raise FetchError(_one_line(str(exc.reason))) from None
-    except TimeoutError:
-        raise FetchError(f"timed out after {seconds:g}s") from None
-    except (OSError, HTTPException, ValueError) as exc:  # resets, bad status lines, malformed URLs
-        raise FetchError(_one_line(str(exc)) or type(exc).__name__) from None
+        return httpget.bounded_get(url, timeout=timeout, max_bytes=max_bytes,
+                                   headers={"User-Agent": "enpipeline-importer"})
+    except httpget.TooLarge as exc:
+        raise FileTooLarge(f"{exc.declared} bytes, more than the {exc.limit} allowed" if exc.declared is not None
+                           else f"more than the {exc.limit} bytes allowed") from None
+    except httpget.BadStatus as exc:
+        raise FetchError(f"HTTP status {exc.status}" + (", expected 200" if exc.status < 300 else "")) from None
+    except httpget.HttpGetError as exc:
+        raise FetchError(str(exc)) from None
 
 
 def _file_location(url: str) -> tuple[FilesystemBlobstore, str, str]:
