@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from enpipeline.db import export as export_db
 from enpipeline.db import exposures as exposures_db
 from enpipeline.db.engine import normalize_url
 from enpipeline.export import format as fmt
 from enpipeline.export.signing import FilesystemKeyManager
+from enpipeline.local_airflow import postgres_connection
 from enpipeline.model import Exposure
 from enpipeline.timeutil import interval_number, truncate
 
@@ -49,18 +50,6 @@ def clean_environ() -> dict[str, str]:
 
 def airflow_sql_url(database_url: str) -> str:
     return normalize_url(database_url)  # postgresql+psycopg2://..., which Airflow 3 accepts
-
-
-def postgres_connection(database_url: str) -> str:
-    """AIRFLOW_CONN_ENP_POSTGRES (JSON form) for a database URL, including a unix-socket host in the query."""
-    parsed = make_url(database_url)
-    conn: dict[str, Any] = {"conn_type": "postgres", "login": parsed.username or "", "password": parsed.password or "",
-                            "host": parsed.host or "", "schema": parsed.database or ""}
-    if parsed.port:
-        conn["port"] = parsed.port
-    if parsed.query:
-        conn["extra"] = {"sqlalchemy_query": dict(parsed.query)}
-    return json.dumps(conn)
 
 
 def free_port() -> int:
