@@ -15,9 +15,9 @@ from flask import Blueprint, Flask, Response, current_app, request
 from api.metrics import PublishMetrics
 from enpipeline.chaff import ChaffTracker
 from enpipeline.config import Settings, load_settings, with_local_secrets
-from enpipeline.db.engine import make_engine, ping
+from enpipeline.db.engine import is_unavailable, make_engine, ping
 from enpipeline.errors import CODE_BAD_REQUEST, CODE_INTERNAL, CODE_PARTIAL_FAILURE, PublishError
-from enpipeline.publish.service import PublishService, create_publish_service
+from enpipeline.publish.service import UNAVAILABLE_MESSAGE, PublishService, create_publish_service
 from enpipeline.publish.wire import (
     WireError,
     check_content_type,
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 HEALTH_CACHE_SECONDS = 1.0
+# A 503 tells the app to come back; a few seconds is how long a database restart or failover takes.
+RETRY_AFTER_SECONDS = "5"
 
 bp = Blueprint("publish", __name__)
 
@@ -66,7 +68,10 @@ def _respond(state: ApiState, status: int, **fields: Any) -> Response:
     s = state.settings
     payload = publish_response(padding=random_padding(s.response_padding_min_bytes, s.response_padding_range),
                                **fields)
-    return _json(status, payload, {"x-api-version": "v1"}, compact=True)
+    headers = {"x-api-version": "v1"}
+    if status == 503:
+        headers["Retry-After"] = RETRY_AFTER_SECONDS
+    return _json(status, payload, headers, compact=True)
 
 
 @bp.route("/v1/publish", methods=["POST"])
@@ -102,9 +107,15 @@ def _handle_publish(state: ApiState) -> Response:
     try:
         result = state.service.publish(publish_request, state.clock())
     except PublishError as exc:
-        state.metrics.publishes.labels(outcome=exc.code).inc()
+        outcome = "unavailable" if exc.status == 503 else exc.code
+        state.metrics.publishes.labels(outcome=outcome).inc()
         return _respond(state, exc.status, error=exc.message, code=exc.code, warnings=exc.warnings)
-    except Exception:
+    except Exception as exc:
+        if is_unavailable(exc):
+            # The service maps its own database calls; this catches any it missed, without a traceback.
+            log.error("publish failed, database unavailable: %s", type(exc).__name__)
+            state.metrics.publishes.labels(outcome="unavailable").inc()
+            return _respond(state, 503, error=UNAVAILABLE_MESSAGE, code=CODE_INTERNAL)
         # Never log the request: it carries keys and certificates.
         log.exception("publish failed unexpectedly")
         state.metrics.publishes.labels(outcome=CODE_INTERNAL).inc()
@@ -145,7 +156,8 @@ def health() -> Response:
         state.health_checked_at = now
     if state.health_ok:
         return _json(200, {"status": "ok"})
-    return _json(500, {"status": "database unavailable"})
+    # 503 so load balancers and readiness probes take this worker out of rotation until the database is back.
+    return _json(503, {"status": "database unavailable"}, {"Retry-After": RETRY_AFTER_SECONDS})
 
 
 @bp.route("/metrics")

@@ -34,6 +34,20 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10,
     )
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` means "the database cannot be reached right now", not "this statement is wrong".
+
+    Connection refused or dropped, the server shutting down or restarting, an exhausted pool, a cancelled
+    statement, a serialization failure or deadlock: all transient, all worth a retry by the caller, so the
+    API answers them with 503 instead of 500. Constraint violations, bad SQL and errors raised by the
+    database on purpose are not.
+    """
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError
+                      | sa.exc.DisconnectionError)
+
+
 def ping(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(sa.text("SELECT 1"))

@@ -13,6 +13,7 @@ from enpipeline.cache import TTLCache
 from enpipeline.config import Settings
 from enpipeline.db import apps as apps_db
 from enpipeline.db import exposures as exposures_db
+from enpipeline.db.engine import is_unavailable
 from enpipeline.errors import (
     CODE_HEALTH_AUTHORITY_MISSING_REGION_CONFIG,
     CODE_INTERNAL,
@@ -32,6 +33,8 @@ from enpipeline.timeutil import interval_number
 from enpipeline.verification import HealthAuthorityLookup, decode_lenient_base64, verify_certificate
 
 log = logging.getLogger(__name__)
+
+UNAVAILABLE_MESSAGE = "database unavailable, please try again later"
 
 
 @dataclass
@@ -65,7 +68,7 @@ class PublishService:
             app = self._apps.get(name, load)
         except SQLAlchemyError as exc:
             log.error("loading authorized app failed: %s", type(exc).__name__)
-            raise PublishError(500, CODE_UNABLE_TO_LOAD_HEALTH_AUTHORITY,
+            raise PublishError(503 if is_unavailable(exc) else 500, CODE_UNABLE_TO_LOAD_HEALTH_AUTHORITY,
                                "error loading health authority config: database unavailable") from exc
         if app is None:
             raise PublishError(401, CODE_UNKNOWN_HEALTH_AUTHORITY,
@@ -90,7 +93,8 @@ class PublishService:
             raise PublishError(401, CODE_VERIFICATION_CERTIFICATE_INVALID,
                                f"unable to validate diagnosis verification: {exc}") from None
         except SQLAlchemyError as exc:
-            raise PublishError(500, CODE_INTERNAL, "Internal Server Error") from exc
+            log.error("loading verification keys failed: %s", type(exc).__name__)
+            raise database_error(exc) from exc
 
     def read_token(self, token: str) -> _TokenInput:
         if not token:
@@ -101,7 +105,12 @@ class PublishService:
             return _TokenInput(revise_rules.TokenState.NONE, [])
         try:
             return _TokenInput(revise_rules.TokenState.VALID, self.codec.decrypt(raw))
-        except RevisionTokenError:
+        except RevisionTokenError as exc:
+            if isinstance(exc.__cause__, SQLAlchemyError) and is_unavailable(exc.__cause__):
+                # A token we could not check is not a bad token: calling it invalid would make the app
+                # drop it and lose the right to revise its keys.
+                log.error("loading revision keys failed: %s", type(exc.__cause__).__name__)
+                raise database_error(exc.__cause__) from exc
             return _TokenInput(revise_rules.TokenState.UNREADABLE, [])
 
     # -- the use case ----------------------------------------------------------------------------
@@ -128,7 +137,11 @@ class PublishService:
                 continue
             incoming[e.exposure_key] = e
 
-        self._partitions.ensure(e.created_at for e in incoming.values() if is_insertable(e))
+        try:
+            self._partitions.ensure(e.created_at for e in incoming.values() if is_insertable(e))
+        except SQLAlchemyError as exc:
+            log.error("creating a day partition failed: %s", type(exc).__name__)
+            raise database_error(exc) from exc
         touched = self._store(app, incoming, token, result)
         result.revision_token = self._next_token(token, touched, now)
         return result
@@ -172,7 +185,7 @@ class PublishService:
             raise PublishError(400, exc.code, status_message, result.warnings) from None
         except SQLAlchemyError as exc:
             log.error("publish transaction failed: %s", type(exc).__name__)
-            raise PublishError(500, CODE_INTERNAL, "Internal Server Error") from exc
+            raise database_error(exc) from exc
         return touched
 
     def _next_token(self, token: _TokenInput, touched: list[Exposure], now: datetime) -> str:
@@ -193,6 +206,16 @@ class PublishService:
             # failing a publish that has been stored.
             log.error("building the revision token failed: %s", type(exc).__name__)
             return ""
+
+
+def database_error(exc: BaseException) -> PublishError:
+    """503 when the database is unreachable or the failure is transient (the app should retry), else 500.
+
+    Nothing was stored in either case: the transaction either never started or was rolled back.
+    """
+    if is_unavailable(exc):
+        return PublishError(503, CODE_INTERNAL, UNAVAILABLE_MESSAGE)
+    return PublishError(500, CODE_INTERNAL, "Internal Server Error")
 
 
 def _with_sorted_keys(request: PublishRequest) -> PublishRequest:

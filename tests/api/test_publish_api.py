@@ -188,6 +188,22 @@ def failing_inserts(engine: Engine):
             conn.execute(sa.text("DROP FUNCTION IF EXISTS enp_test_fail_insert()"))
 
 
+@pytest.fixture
+def connection_killing_inserts(engine: Engine):
+    """Every exposure insert makes the server terminate the inserting connection mid-transaction."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE OR REPLACE FUNCTION enp_test_kill_insert() RETURNS trigger LANGUAGE plpgsql"
+                             " AS $$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER enp_test_kill_insert BEFORE INSERT ON exposure"
+                             " FOR EACH ROW EXECUTE FUNCTION enp_test_kill_insert()"))
+    try:
+        yield
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER IF EXISTS enp_test_kill_insert ON exposure"))
+            conn.execute(sa.text("DROP FUNCTION IF EXISTS enp_test_kill_insert()"))
+
+
 # -- success ---------------------------------------------------------------------------------------
 
 
@@ -524,12 +540,26 @@ def test_database_failure_while_storing_is_500(client, engine, seeded, now):
     assert rows(engine) == []
 
 
-def test_database_unreachable_when_loading_app_is_500(make_client, unreachable_engine, now, seeded):
-    """The project's protocol.md gives 500 here (the reference's code answers 404)."""
+def test_database_unreachable_when_loading_app_is_503(make_client, unreachable_engine, now, seeded):
+    """Deliberate difference: protocol.md gives 500 here (the reference's code answers 404); 503 tells the app
+    to retry, with the reference's code string kept."""
     client = make_client(service_engine=unreachable_engine)
     response = post(client, publish_body(day_keys(now), seeded["cert"], now))
-    assert_error(response, 500, "unable_to_load_health_authority",
+    assert_error(response, 503, "unable_to_load_health_authority",
                  "error loading health authority config: database unavailable")
+    assert response.headers["Retry-After"] == "5"
+    assert_matches_spec("/v1/publish", "post", response)
+
+
+@pytest.mark.usefixtures("connection_killing_inserts")
+def test_connection_lost_while_storing_is_503_and_stores_nothing(client, engine, seeded, now):
+    """The server drops the connection in the middle of the publish transaction (a trigger terminates its own
+    backend, as a database restart would): nothing is stored and the app is told to retry."""
+    response = post(client, publish_body(day_keys(now), seeded["cert"], now))
+    assert_error(response, 503, "internal_error", "database unavailable, please try again later")
+    assert response.headers["Retry-After"] == "5"
+    assert_matches_spec("/v1/publish", "post", response)
+    assert rows(engine) == []
 
 
 # -- maintenance and chaff -------------------------------------------------------------------------------
@@ -633,9 +663,10 @@ def test_health_ok(client):
     assert_matches_spec("/health", "get", response)
 
 
-def test_health_500_when_database_unreachable(make_client, unreachable_engine):
+def test_health_503_when_database_unreachable(make_client, unreachable_engine):
     response = make_client(service_engine=unreachable_engine).get("/health")
-    assert response.status_code == 500
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
     assert response.get_json() != {"status": "ok"}
     assert_matches_spec("/health", "get", response)
 
@@ -680,7 +711,7 @@ def test_openapi_document_is_served_and_valid(client):
     assert spec["openapi"] == "3.0.3"
     assert {"/v1/publish", "/health", "/metrics"} <= set(spec["paths"])
     publish = spec["paths"]["/v1/publish"]["post"]
-    assert set(publish["responses"]) == {"200", "400", "401", "413", "415", "429", "500"}
+    assert set(publish["responses"]) == {"200", "400", "401", "413", "415", "429", "500", "503"}
     assert _inline_refs(publish["parameters"])[0]["name"] == "X-Chaff"
     codes = set(spec["components"]["schemas"]["ErrorCode"]["enum"])
     assert {"bad_request", "internal_error", "unknown_health_authority_id", "partial_failure",
@@ -715,8 +746,8 @@ def test_no_key_material_or_client_identity_in_logs(make_client, engine, seeded,
     assert [r.status_code for r in responses] == [500, 401]
     unreachable = make_client(service_engine=unreachable_engine)
     unreachable.environ_base.update(REMOTE_ADDR=ip, HTTP_USER_AGENT=user_agent)
-    assert post(unreachable, body).status_code == 500
-    assert unreachable.get("/health").status_code == 500
+    assert post(unreachable, body).status_code == 503
+    assert unreachable.get("/health").status_code == 503
 
     assert caplog.records, "the failure paths above are expected to log something"
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
