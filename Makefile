@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint browser up down status bench-publish bench-export bench-cleanup bench-federation proto clean
+.PHONY: install test lint browser up down status bench-publish bench-export bench-cleanup bench-federation bench-load proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -60,6 +60,9 @@ bench-cleanup: install
 
 bench-federation: install
 	$(BIN)/python bench/federation_bench.py $(BENCH_ARGS)
+
+bench-load: install
+	$(BIN)/python bench/load_bench.py $(BENCH_ARGS)
 
 proto: install
 	PATH=$(BIN):$$PATH bash scripts/gen_protos.sh
