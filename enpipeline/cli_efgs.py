@@ -31,7 +31,10 @@ def _target_row(t: Any) -> dict[str, Any]:
             "client_cert_expires": client.not_valid_after_utc.isoformat(),
             "signing_cert": signing.subject.rfc4514_string(),
             "signing_cert_expires": signing.not_valid_after_utc.isoformat(),
-            "ca": "custom" if t.ca_cert else "system", "tls_credentials": t.tls_credentials,
+            "ca": "custom" if t.ca_cert else "system",
+            "trust_anchor": ", ".join(a.subject.rfc4514_string() for a in x509.load_pem_x509_certificates(
+                t.trust_anchor.encode())) if t.trust_anchor else "none (pulls refused)",
+            "tls_credentials": t.tls_credentials,
             "signing_credentials": t.signing_credentials}
 
 
@@ -43,7 +46,8 @@ def cmd_add_target(args: argparse.Namespace) -> None:
     files = targets.TargetFiles(
         client_cert=_read(args.client_cert, "--client-cert") or b"", client_key=_read(args.client_key, "--client-key")
         or b"", signing_cert=_read(args.signing_cert, "--signing-cert") or b"",
-        signing_key=_read(args.signing_key, "--signing-key") or b"", ca=_read(args.ca, "--ca"))
+        signing_key=_read(args.signing_key, "--signing-key") or b"", ca=_read(args.ca, "--ca"),
+        trust_anchor=_read(args.trust_anchor, "--trust-anchor"))
     now = _now()
     try:
         target = targets.check_target(args.id, args.url, args.country, files, now)
@@ -66,6 +70,9 @@ def cmd_add_target(args: argparse.Namespace) -> None:
         raise
     print(f"added EFGS target {args.id!r}: {target.url} as {target.country}; private keys {tls_ref} and "
           f"{signing_ref} in {settings.key_dir} (mode 0600)")
+    if target.trust_anchor is None:
+        print("note: no --trust-anchor, so pushes work but pulls are refused (other countries' signing "
+              "certificates could not be checked); remove the target and add it again with --trust-anchor to pull")
 
 
 def cmd_list_targets(args: argparse.Namespace) -> None:
@@ -191,6 +198,9 @@ def register(sub: Any, add: Any) -> None:
     p.add_argument("--signing-key", required=True, metavar="PEM",
                    help="its private key; copied into ENP_KEY_DIR (mode 0600), never stored in the database")
     p.add_argument("--ca", metavar="PEM", help="trust this CA bundle for the gateway instead of the system roots")
+    p.add_argument("--trust-anchor", metavar="PEM",
+                   help="the gateway's trust anchor certificate(s): it signs every country's signing certificate; "
+                        "pulls refuse to run without it")
     p = add(efgs, "list-targets", cmd_list_targets, "list the configured gateways")
     p.add_argument("--json", action="store_true")
     p = add(efgs, "remove-target", cmd_remove_target, "forget a gateway, its history and its private keys")

@@ -12,6 +12,10 @@ then answer 500 as if the answer was lost), ``fail_keys`` (keys that get a per-k
 above it), ``tamper`` (countries whose keys are altered in downloads), ``audit_cert`` (a certificate the audit
 reports instead of a country's real one), ``include_own`` (leave the caller's own keys in its downloads),
 ``audit_fail`` (batches whose audit answers 500).
+
+The audit carries each signing certificate's operator signature, made with the gateway's trust anchor key (a
+separate key, ``trust_anchor``) for registered SIGNING certificates only, as the real gateway's certificate table
+holds them; anything else gets a signature of the wrong key, which no trust anchor check accepts.
 """
 
 from __future__ import annotations
@@ -208,11 +212,17 @@ class DownloadBatch:
     next_tag: str | None = None
 
 
+def operator_signature(anchor: Pki, certificate: x509.Certificate) -> str:
+    """signingCertificateOperatorSignature: the trust anchor's SHA256withECDSA over the certificate's PEM text."""
+    return base64.b64encode(anchor.key.sign(pem(certificate), ec.ECDSA(hashes.SHA256()))).decode()
+
+
 @dataclass
 class FakeEfgs:
     pki: Pki
     server_cert: x509.Certificate
     server_key: Any
+    trust_anchor: Pki = field(default_factory=Pki.create)
     auth: dict[str, str] = field(default_factory=dict)       # thumbprint -> country (AUTHENTICATION)
     signing: dict[str, str] = field(default_factory=dict)    # thumbprint -> country (SIGNING)
     uploads: list[Upload] = field(default_factory=list)
@@ -457,6 +467,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         entries = []
         for u in batch.uploads:
             signing = efgs.audit_cert.get(u.country, u.signing_cert)
+            anchor = efgs.trust_anchor if thumbprint(signing) in efgs.signing else Pki.create()
             entries.append({
                 "country": u.country, "uploadedTime": u.uploaded_at.isoformat(),
                 "uploaderCertificate": pem(u.auth_cert).decode(), "uploaderThumbprint": thumbprint(u.auth_cert),
@@ -464,7 +475,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "signingCertificate": pem(signing).decode(),
                 # The gateway prints thumbprints with BigInteger.toString(16): no leading zeros.
                 "uploaderSigningThumbprint": thumbprint(signing).lstrip("0"),
-                "signingCertificateOperatorSignature": "not-checked-by-this-double",
+                "signingCertificateOperatorSignature": operator_signature(anchor, signing),
                 "amount": len(u.keys), "batchSignature": u.signature})
         self._send(200, json.dumps(entries).encode())
 
@@ -479,7 +490,7 @@ def add_target(engine, key_dir: Path, gateway: FakeEfgs, country: Country, targe
     from enpipeline.efgs import targets
 
     files = targets.TargetFiles(pem(country.auth_cert), key_pem(country.auth_key), pem(country.signing_cert),
-                                key_pem(country.signing_key), pem(gateway.pki.cert))
+                                key_pem(country.signing_key), pem(gateway.pki.cert), pem(gateway.trust_anchor.cert))
     target = targets.check_target(target_id, gateway.url, country.code, files, datetime.now(UTC))
     tls_ref, signing_ref = targets.store_target_keys(key_dir, target, files)
     with engine.begin() as conn:

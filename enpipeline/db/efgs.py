@@ -45,19 +45,20 @@ class EfgsTarget:
     signing_credentials: str    # key reference, never the key
     ca_cert: str | None = None  # PEM bundle
     created_at: datetime | None = None
+    trust_anchor: str | None = None  # PEM bundle: signs every country's signing certificate (pulls need it)
 
 
 _TARGET_COLUMNS = ("target_id, url, country, client_cert, tls_credentials, signing_cert, signing_credentials,"
-                   " ca_cert, created_at")
+                   " ca_cert, created_at, trust_anchor")
 
 
 def add_target(conn: Connection, target: EfgsTarget, now: datetime) -> EfgsTarget:
     row = conn.execute(sa.text(
         f"INSERT INTO efgs_target ({_TARGET_COLUMNS}) VALUES (:target_id, :url, :country, :client_cert,"
-        " :tls_credentials, :signing_cert, :signing_credentials, :ca_cert, :created_at)"
+        " :tls_credentials, :signing_cert, :signing_credentials, :ca_cert, :created_at, :trust_anchor)"
         f" ON CONFLICT (target_id) DO NOTHING RETURNING {_TARGET_COLUMNS}"),
         {**{f: getattr(target, f) for f in ("target_id", "url", "country", "client_cert", "tls_credentials",
-                                            "signing_cert", "signing_credentials", "ca_cert")},
+                                            "signing_cert", "signing_credentials", "ca_cert", "trust_anchor")},
          "created_at": now}).one_or_none()
     if row is None:
         raise TargetExistsError(f"an EFGS target with id {target.target_id!r} already exists")

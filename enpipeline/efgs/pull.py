@@ -3,10 +3,11 @@ cursor, verify every country's share of each batch against its signature from th
 keys, the cursor and the download's counters of each batch in one transaction.
 
 A crash resumes at the first batch not stored. A country whose share does not verify (tampered keys, another
-certificate, a certificate for another country, expired) is refused, its keys dropped, and the other countries'
-keys of the batch are kept. Our own country's keys are dropped too (the gateway leaves them out; we do not rely
-on it). Keys are stored with local_provenance false, sync_query_id ``efgs:<target>`` and sync_id = the download
-row; a key the gateway marks REVOKED revises only a key that came from the same target.
+certificate, a certificate the target's trust anchor did not sign, a certificate for another country, expired) is
+refused, its keys dropped, and the other countries' keys of the batch are kept. Our own country's keys are dropped
+too (the gateway leaves them out; we do not rely on it). Keys are stored with local_provenance false,
+sync_query_id ``efgs:<target>`` and sync_id = the download row; a key the gateway marks REVOKED revises only a
+key that came from the same target.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -35,8 +36,9 @@ from enpipeline.efgs.signing import (
     same_thumbprint,
     thumbprint,
     verify_batch_signature,
+    verify_operator_signature,
 )
-from enpipeline.efgs.targets import TargetError, ssl_context
+from enpipeline.efgs.targets import TargetError, load_trust_anchors, ssl_context
 from enpipeline.efgs.validation import REVOKED, foreign_key
 from enpipeline.federation.foreign import store_foreign_keys, to_exposure
 from enpipeline.model import Exposure
@@ -171,6 +173,12 @@ def _pull_locked(settings: Settings, engine: Engine, target_id: str, day: date, 
         target = db.get_target(conn, target_id)
         if target is None:
             raise EfgsPullError(target_id, day, "no such target (see `enpipeline efgs list-targets`)")
+        # Before anything is downloaded: a target without a trust anchor would take any certificate the gateway
+        # names, so nothing is pulled (and no cursor moves) until one is configured.
+        try:
+            anchors = load_trust_anchors(target)
+        except TargetError as exc:
+            raise EfgsPullError(target_id, day, str(exc)) from None
         download_id = db.start_download(conn, target_id, day, clock())
     report = PullReport(target_id, day, COMPLETE, download_id=download_id)
     try:
@@ -178,7 +186,7 @@ def _pull_locked(settings: Settings, engine: Engine, target_id: str, day: date, 
             client = client_factory(target) if client_factory else default_client(settings, target)
         except TargetError as exc:
             raise _Problem(str(exc)) from None
-        _follow_chain(settings, engine, client, target, day, report, clock)
+        _follow_chain(settings, engine, client, target, day, report, clock, anchors)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, _Problem) else f"{type(exc).__name__}: {exc}"
         try:
@@ -198,7 +206,7 @@ def _next(tag: str | None) -> str | None:
 
 
 def _follow_chain(settings: Settings, engine: Engine, client: EfgsClient, target: EfgsTarget, day: date,
-                  report: PullReport, clock: Callable[[], datetime]) -> None:
+                  report: PullReport, clock: Callable[[], datetime], anchors: list[x509.Certificate]) -> None:
     from enpipeline.proto import efgs_pb2
 
     with engine.connect() as conn:
@@ -243,7 +251,8 @@ def _follow_chain(settings: Settings, engine: Engine, client: EfgsClient, target
             batch = efgs_pb2.DiagnosisKeyBatch.FromString(response.body)
         except Exception as exc:  # protobuf's DecodeError and friends
             raise _Problem(f"batch {tag!r}: not a DiagnosisKeyBatch ({type(exc).__name__})") from None
-        _store_batch(settings, engine, client, target, day, tag, following, list(batch.keys), report, guard, clock)
+        _store_batch(settings, engine, client, target, day, tag, following, list(batch.keys), report, guard, clock,
+                     anchors)
         if following is None:
             return
         request = following
@@ -251,7 +260,8 @@ def _follow_chain(settings: Settings, engine: Engine, client: EfgsClient, target
 
 def _store_batch(settings: Settings, engine: Engine, client: EfgsClient, target: EfgsTarget, day: date, tag: str,
                  following: str | None, keys: list[efgs_pb2.DiagnosisKey], report: PullReport,
-                 guard: exposures_db.PartitionGuard, clock: Callable[[], datetime]) -> None:
+                 guard: exposures_db.PartitionGuard, clock: Callable[[], datetime],
+                 anchors: list[x509.Certificate]) -> None:
     at = clock()
     foreign = [k for k in keys if k.origin != target.country]
     own = len(keys) - len(foreign)
@@ -269,7 +279,7 @@ def _store_batch(settings: Settings, engine: Engine, client: EfgsClient, target:
                 raise ValueError("not a list of objects")
         except ValueError as exc:
             raise _Problem(f"audit of batch {tag!r}: not a JSON list of entries ({exc})") from None
-        accepted, refused = verify_shares(foreign, entries, at)
+        accepted, refused = verify_shares(foreign, entries, at, trust_anchors=anchors)
         for country, (count, reason) in sorted(refused.items()):
             _note(report, f"batch {tag!r}: {count} key(s) of {country} refused: {reason}")
     source = db.source_id(target.target_id)
@@ -310,7 +320,8 @@ def _store_batch(settings: Settings, engine: Engine, client: EfgsClient, target:
     report.last_batch_tag = tag
 
 
-def verify_shares(keys: list[efgs_pb2.DiagnosisKey], entries: list[dict[str, Any]], now: datetime
+def verify_shares(keys: list[efgs_pb2.DiagnosisKey], entries: list[dict[str, Any]], now: datetime, *,
+                  trust_anchors: Sequence[x509.Certificate]
                   ) -> tuple[list[efgs_pb2.DiagnosisKey], dict[str, tuple[int, str]]]:
     """Split a batch's keys into those whose country's signature verifies and, per other country, how many were
     refused and why.
@@ -347,7 +358,7 @@ def verify_shares(keys: list[efgs_pb2.DiagnosisKey], entries: list[dict[str, Any
             share = country_keys[at:at + amount]
             at += amount
             try:
-                verify_share(entry, share, country, now)
+                verify_share(entry, share, country, now, trust_anchors)
             except SignatureError as exc:
                 refuse(country, len(share), str(exc))
                 continue
@@ -355,12 +366,17 @@ def verify_shares(keys: list[efgs_pb2.DiagnosisKey], entries: list[dict[str, Any
     return accepted, refused
 
 
-def verify_share(entry: dict[str, Any], keys: list[efgs_pb2.DiagnosisKey], country: str, now: datetime) -> None:
+def verify_share(entry: dict[str, Any], keys: list[efgs_pb2.DiagnosisKey], country: str, now: datetime,
+                 trust_anchors: Sequence[x509.Certificate]) -> None:
     """One upload's keys against its audit entry; raises SignatureError naming the failed check."""
+    certificate_text = str(entry.get("signingCertificate") or "")
     try:
-        certificate = x509.load_pem_x509_certificate(str(entry.get("signingCertificate") or "").encode())
+        certificate = x509.load_pem_x509_certificate(certificate_text.encode())
     except ValueError:
         raise SignatureError("the audit entry has no readable signing certificate") from None
+    # First the trust anchor: the gateway serves the audit too, so the certificate is only as good as this check.
+    verify_operator_signature(certificate_text, str(entry.get("signingCertificateOperatorSignature") or ""),
+                              trust_anchors)
     issued_for = certificate_country(certificate)
     if issued_for != country:
         raise SignatureError(f"the signing certificate is for country {issued_for!r}, not {country!r}")

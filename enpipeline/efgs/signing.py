@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -50,6 +51,39 @@ def certificate_country(certificate: x509.Certificate) -> str | None:
     """The subject's single C attribute (EFGS ties a certificate to that country), else None."""
     values = certificate.subject.get_attributes_for_oid(x509.NameOID.COUNTRY_NAME)
     return str(values[0].value) if len(values) == 1 else None
+
+
+def verify_operator_signature(certificate_text: str, signature_b64: str,
+                              trust_anchors: Sequence[x509.Certificate]) -> None:
+    """Check an audit entry's signingCertificateOperatorSignature: one of ``trust_anchors`` signed the signing
+    certificate's PEM text exactly as the audit carries it, with the algorithm of the anchor's own signature (what
+    the gateway's and the national backends' BouncyCastle code does). Raises SignatureError saying why not.
+
+    This is what ties a country's signing certificate to the trust anchor: without it whoever controls the gateway
+    could sign keys for any country with a certificate it made itself.
+    """
+    if not trust_anchors:
+        raise SignatureError("no trust anchor to check the signing certificate against")
+    try:
+        signature = base64.b64decode((signature_b64 or "").strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError("the signing certificate's operator signature is not base64") from None
+    data = certificate_text.encode("utf-8")
+    for anchor in trust_anchors:
+        public_key, algorithm = anchor.public_key(), anchor.signature_hash_algorithm
+        if algorithm is None:
+            continue
+        try:
+            if isinstance(public_key, ec.EllipticCurvePublicKey):
+                public_key.verify(signature, data, ec.ECDSA(algorithm))
+            elif isinstance(public_key, rsa.RSAPublicKey):
+                public_key.verify(signature, data, padding.PKCS1v15(), algorithm)
+            else:
+                continue
+        except (InvalidSignature, ValueError, UnsupportedAlgorithm):
+            continue
+        return
+    raise SignatureError("the signing certificate is not signed by the trust anchor")
 
 
 def check_certificate_at(certificate: x509.Certificate, now: datetime) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -42,10 +42,11 @@ class TargetFiles:
     """PEM bytes as an operator hands them over (add-target reads them from files)."""
 
     client_cert: bytes
-    client_key: bytes
+    client_key: bytes = field(repr=False)   # private keys never reach a repr or a log
     signing_cert: bytes
-    signing_key: bytes
+    signing_key: bytes = field(repr=False)
     ca: bytes | None = None
+    trust_anchor: bytes | None = None
 
 
 def tls_name(target_id: str) -> str:
@@ -130,6 +131,17 @@ def check_target(target_id: str, url: str, country: str, files: TargetFiles, now
                              for c in _certificates(files.ca, "--ca"))
         except TargetError as exc:
             problems.append(str(exc))
+    anchor_pem = None
+    if files.trust_anchor is not None:
+        try:
+            anchors = _certificates(files.trust_anchor, "--trust-anchor")
+            bad = [a.subject.rfc4514_string() for a in anchors
+                   if not isinstance(a.public_key(), rsa.RSAPublicKey | ec.EllipticCurvePublicKey)]
+            if bad:
+                problems.append(f"--trust-anchor {', '.join(bad)} must have an RSA or EC key")
+            anchor_pem = "".join(a.public_bytes(serialization.Encoding.PEM).decode() for a in anchors)
+        except TargetError as exc:
+            problems.append(str(exc))
     if problems:
         raise TargetError("; ".join(problems))
     client_certs, _ = pairs["client"]
@@ -138,7 +150,7 @@ def check_target(target_id: str, url: str, country: str, files: TargetFiles, now
         target_id=target_id, url=url.rstrip("/"), country=country,
         client_cert="".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in client_certs),
         tls_credentials="", signing_cert=signing_certs[0].public_bytes(serialization.Encoding.PEM).decode(),
-        signing_credentials="", ca_cert=ca_pem)
+        signing_credentials="", ca_cert=ca_pem, trust_anchor=anchor_pem)
 
 
 def store_target_keys(key_dir: Path, target: EfgsTarget, files: TargetFiles) -> tuple[str, str]:
@@ -168,6 +180,14 @@ class Signer:
 
     def __repr__(self) -> str:  # the key never reaches a log
         return f"Signer({self.certificate.subject.rfc4514_string()!r})"
+
+
+def load_trust_anchors(target: EfgsTarget) -> list[x509.Certificate]:
+    """The target's trust anchor certificates; raises TargetError when it has none (pulls cannot run then)."""
+    if not target.trust_anchor:
+        raise TargetError(f"EFGS target {target.target_id!r} has no trust anchor, so other countries' signing "
+                          "certificates cannot be checked; remove it and add it again with --trust-anchor")
+    return x509.load_pem_x509_certificates(target.trust_anchor.encode())
 
 
 def load_signer(key_dir: Path, target: EfgsTarget) -> Signer:

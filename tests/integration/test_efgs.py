@@ -343,27 +343,38 @@ def test_a_tampered_share_or_a_wrong_certificate_refuses_that_country_only(gatew
 def test_audit_checks_country_amount_and_certificate_country():
     now = datetime.now(UTC)
     fr = fake.Country.create("FR", fake.Pki.create())
+    anchor = fake.Pki.create()
     keys = [efgs_key("FR"), efgs_key("FR")]
     entry = {"country": "FR", "uploadedTime": now.isoformat(), "amount": 2,
              "signingCertificate": fake.pem(fr.signing_cert).decode(),
+             "signingCertificateOperatorSignature": fake.operator_signature(anchor, fr.signing_cert),
              "uploaderSigningThumbprint": fake.thumbprint(fr.signing_cert),
              "batchSignature": sign_batch(batch_bytes(keys), fr.signing_cert, fr.signing_key)}
-    assert verify_shares(keys, [entry], now) == (keys, {})
-    assert verify_shares(keys, [{**entry, "amount": 3}], now)[1] == {"FR": (2, "the audit counts 3 key(s), the "
-                                                                          "batch holds 2")}
-    assert "no audit entry" in verify_shares(keys, [{**entry, "country": "BE"}], now)[1]["FR"][1]
+    anchors = [anchor.cert]
+    assert verify_shares(keys, [entry], now, trust_anchors=anchors) == (keys, {})
+    assert verify_shares(keys, [{**entry, "amount": 3}], now, trust_anchors=anchors)[1] == {
+        "FR": (2, "the audit counts 3 key(s), the batch holds 2")}
+    assert "no audit entry" in verify_shares(keys, [{**entry, "country": "BE"}], now,
+                                             trust_anchors=anchors)[1]["FR"][1]
     other = fake.Country.create("FR", fake.Pki.create(), signing_country="BE")   # a BE certificate signing for FR
     wrong = {**entry, "signingCertificate": fake.pem(other.signing_cert).decode(), "uploaderSigningThumbprint": "",
+             "signingCertificateOperatorSignature": fake.operator_signature(anchor, other.signing_cert),
              "batchSignature": sign_batch(batch_bytes(keys), other.signing_cert, other.signing_key)}
-    assert "for country 'BE'" in verify_shares(keys, [wrong], now)[1]["FR"][1]
-    assert "thumbprint" in verify_shares(keys, [{**entry, "uploaderSigningThumbprint": "ab"}], now)[1]["FR"][1]
-    expired = verify_shares(keys, [entry], now + timedelta(days=60))[1]["FR"][1]
+    assert "for country 'BE'" in verify_shares(keys, [wrong], now, trust_anchors=anchors)[1]["FR"][1]
+    assert "thumbprint" in verify_shares(keys, [{**entry, "uploaderSigningThumbprint": "ab"}], now,
+                                         trust_anchors=anchors)[1]["FR"][1]
+    expired = verify_shares(keys, [entry], now + timedelta(days=60), trust_anchors=anchors)[1]["FR"][1]
     assert "not valid" in expired
     # Two uploads of one country in one batch: each share is checked against its own signature.
     more = [efgs_key("FR")]
     second = {**entry, "uploadedTime": (now + timedelta(seconds=1)).isoformat(), "amount": 1,
               "batchSignature": sign_batch(batch_bytes(more), fr.signing_cert, fr.signing_key)}
-    assert verify_shares(keys + more, [second, entry], now) == (keys + more, {})
+    assert verify_shares(keys + more, [second, entry], now, trust_anchors=anchors) == (keys + more, {})
+    # The certificate must carry the trust anchor's signature (over its PEM text as the audit has it).
+    unsigned = {**entry, "signingCertificateOperatorSignature": fake.operator_signature(fake.Pki.create(),
+                                                                                         fr.signing_cert)}
+    assert "not signed by the trust anchor" in verify_shares(keys, [unsigned], now,
+                                                             trust_anchors=anchors)[1]["FR"][1]
 
 
 def test_our_own_origin_is_dropped_even_when_the_gateway_sends_it(gateway, de, engine, efgs_settings):
@@ -485,7 +496,8 @@ def test_cli_add_push_pull_list_remove(gateway, cli, engine, tmp_path):
     args = ["efgs", "add-target", "--id", "eu", "--url", gateway.url, "--country", "DE",
             "--client-cert", str(files["client_cert"]), "--client-key", str(files["client_key"]),
             "--signing-cert", str(files["signing_cert"]), "--signing-key", str(files["signing_key"]),
-            "--ca", str(files["ca"])]
+            "--ca", str(files["ca"]), "--trust-anchor", str(tmp_path / "anchor.pem")]
+    (tmp_path / "anchor.pem").write_bytes(fake.pem(gateway.trust_anchor.cert))
     code, out, err = cli(*args)
     assert code == 0, err
     key_dir = tmp_path / "keys"
