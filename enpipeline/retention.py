@@ -231,8 +231,13 @@ class RetentionCleaner:
 
         Before deleting, the config's current index.txt is read back: if it still names a file about to
         go (the index step failed or another writer raced), the index is rewritten first.
+
+        A blob that cannot be deleted keeps its row (DEL_PEND) and its batch; the others are swept and committed,
+        every config is still visited, and the call then raises RetentionError naming the failures, so a retry
+        only has the failed blobs left to do (one transient error must not undo the progress of a whole config).
         """
         report = SweepReport()
+        failures: list[str] = []
         with self.engine.connect() as conn:
             config_ids = db.configs_with_pending_deletes(conn)
         for config_id in config_ids:
@@ -251,19 +256,32 @@ class RetentionCleaner:
                     if going & set(self._read_index(cfg.bucket_name, cfg.filename_root)):
                         raise RetentionError(f"index of export config {cfg.name!r} still names files marked for "
                                              "deletion; nothing swept")
+                swept = 0
                 for f in files:
-                    self.blobstore.delete(f.bucket_name, f.filename)
+                    try:
+                        self.blobstore.delete(f.bucket_name, f.filename)
+                    except Exception as exc:  # the row stays DEL_PEND: the next sweep tries this blob again
+                        failures.append(f"{f.bucket_name}/{f.filename}: {type(exc).__name__}: {exc}")
+                        log.warning("export config %r: could not delete %s/%s: %s", cfg.name, f.bucket_name,
+                                    f.filename, exc)
+                        continue
                     report.blobs_deleted += 1
                     db.delete_file_row(conn, f.bucket_name, f.filename)
                     report.file_rows_deleted += 1
+                    swept += 1
                 batches = db.finish_deleted_batches(conn, config_id, now)
                 report.batches_deleted += batches
-            log.info("export config %r: swept %d file(s), %d batch(es) now DELETED", cfg.name, len(files), batches)
+            log.info("export config %r: swept %d file(s), %d batch(es) now DELETED", cfg.name, swept, batches)
         with self.engine.connect() as conn:
             report.batch_statuses = db.batch_status_counts(conn)
         log.info("swept %d blob(s), %d file row(s); %d batch(es) DELETED; batch statuses now %s%s",
                  report.blobs_deleted, report.file_rows_deleted, report.batches_deleted, report.batch_statuses,
                  " (dry run)" if dry_run else "")
+        if failures:
+            more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
+            raise RetentionError(f"could not delete {len(failures)} of {len(failures) + report.blobs_deleted} "
+                                 f"expired blob(s), which stay marked for the next sweep: "
+                                 + "; ".join(failures[:5]) + more)
         return report
 
     def _index_since(self, now: datetime) -> datetime:

@@ -324,6 +324,12 @@ def files_of_batch(conn: Connection, batch_id: int) -> list[FileRow]:
     return [FileRow(**r._asdict()) for r in rows]
 
 
+def file_recorded(conn: Connection, bucket: str, filename: str) -> bool:
+    """Whether a file row (in any state, DEL_PEND included) records the object."""
+    return conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM export_file WHERE bucket_name = :b AND filename = :f)"),
+                        {"b": bucket, "f": filename}).scalar_one()
+
+
 def delete_file_rows(conn: Connection, bucket: str, filenames: Sequence[str]) -> None:
     conn.execute(sa.text("DELETE FROM export_file WHERE bucket_name = :b AND filename = ANY(:f)"),
                  {"b": bucket, "f": list(filenames)})

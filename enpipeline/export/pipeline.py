@@ -272,6 +272,10 @@ class ExportPipeline:
             if batch.status in ("DEL_PEND", "DELETED"):
                 log.warning("batch %d is past retention (%s); file %d not written", batch.batch_id, batch.status,
                             task.shard_num)
+                # An earlier attempt may have uploaded the file just before retention marked the batch and then
+                # died, or failed to delete it again: unrecorded, no sweep would ever find it.
+                self._remove_unrecorded(batch, object_name(batch.filename_root, batch.start_timestamp,
+                                                           batch.end_timestamp, task.shard_num))
                 return {"batch_id": batch.batch_id, "shard_num": task.shard_num, "filename": None, "keys": 0,
                         "revised_keys": 0, "bytes": 0, "signatures": 0, "expired": True}
             shard = export_db.get_shard(conn, task.batch_id, task.shard_num)
@@ -312,9 +316,9 @@ class ExportPipeline:
                                       now=now)
         if expired:
             # Retention marked the batch while this file was being written: the file must not come back.
-            self.blobstore.delete(batch.bucket_name, name)
-            log.warning("batch %d was expired by retention while %s was written; removed it again",
-                        batch.batch_id, name)
+            if self._remove_unrecorded(batch, name):
+                log.warning("batch %d was expired by retention while %s was written; removed it again",
+                            batch.batch_id, name)
             return {"batch_id": batch.batch_id, "shard_num": task.shard_num, "filename": name, "keys": 0,
                     "revised_keys": 0, "bytes": 0, "signatures": 0, "expired": True}
         log.info("wrote %s/%s: %d keys, %d revised keys, %d bytes, %d signature(s) (%s)", batch.bucket_name, name,
@@ -322,6 +326,18 @@ class ExportPipeline:
                  ", ".join(f"{s.verification_key_id}/{s.verification_key_version}" for s in sig_infos))
         return {"batch_id": batch.batch_id, "shard_num": task.shard_num, "filename": name, "keys": len(primary),
                 "revised_keys": len(revised), "bytes": len(data), "signatures": len(signatures)}
+
+    def _remove_unrecorded(self, batch: export_db.BatchRow, name: str) -> bool:
+        """Delete the object of an expired batch unless a file row records it; returns whether it did.
+
+        A recorded file (a rerun of a shard whose batch was complete) may still be named by the index written
+        before retention marked it: only the sweep, which rewrites that index first, may delete it.
+        """
+        with self.engine.connect() as conn:
+            if export_db.file_recorded(conn, batch.bucket_name, name):
+                return False
+        self.blobstore.delete(batch.bucket_name, name)
+        return True
 
     def _read(self, conn: Connection, batch: export_db.BatchRow, *, revised: bool, enabled: bool,
               key_from: bytes | None, key_to: bytes | None) -> fmt.KeyColumns:
