@@ -1,7 +1,8 @@
 """A bounded HTTP(S) GET for documents partners publish (JWKS documents, export indexes and files).
 
 Only http and https are reachable, also through redirects; the body is read in socket-sized pieces so both the
-size cap and the overall deadline hold while a server trickles bytes. Failures are typed, so each caller words
+size cap and the overall deadline hold while a server trickles bytes, and a body shorter than its Content-Length
+(the connection dropped) is an error, never a shorter document. Failures are typed, so each caller words
 them for its own operators.
 """
 
@@ -93,6 +94,10 @@ def bounded_get(url: str, *, timeout: timedelta, max_bytes: int, headers: dict[s
                 if time.monotonic() > deadline:
                     raise TimedOut(seconds)
                 chunks.append(chunk)
+            # http.client returns a body cut short by a dropped connection as if it were whole; what the server
+            # announced and did not send is still counted in ``length``.
+            if response.length:
+                raise Unreachable(f"connection closed after {size} of {size + response.length} bytes")
             return b"".join(chunks)
     except urllib.error.HTTPError as exc:
         exc.close()

@@ -11,7 +11,9 @@ Fault knobs for tests: ``answer`` (the next uploads' forced statuses), ``land_th
 then answer 500 as if the answer was lost), ``fail_keys`` (keys that get a per-key 500), ``max_upload`` (413
 above it), ``tamper`` (countries whose keys are altered in downloads), ``audit_cert`` (a certificate the audit
 reports instead of a country's real one), ``include_own`` (leave the caller's own keys in its downloads),
-``audit_fail`` (batches whose audit answers 500).
+``audit_fail`` (batches whose audit answers 500), ``download_fault`` / ``audit_fault`` (batch tag -> how that
+answer goes wrong: ``garbage`` 200 with bytes that are no batch (no JSON), ``truncate`` the connection dropped
+half-way through the body, ``trickle`` a byte every 50 ms, ``stall`` no answer until ``release`` is set).
 
 The audit carries each signing certificate's operator signature, made with the gateway's trust anchor key (a
 separate key, ``trust_anchor``) for registered SIGNING certificates only, as the real gateway's certificate table
@@ -31,6 +33,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from ipaddress import ip_address
@@ -238,6 +241,9 @@ class FakeEfgs:
     audit_cert: dict[str, x509.Certificate] = field(default_factory=dict)
     include_own: bool = False
     audit_fail: set[str] = field(default_factory=set)        # download batch tags whose audit answers 500
+    download_fault: dict[str, str] = field(default_factory=dict)  # batch tag -> garbage | truncate | trickle | stall
+    audit_fault: dict[str, str] = field(default_factory=dict)     # the same for the batch's audit
+    release: threading.Event = field(default_factory=threading.Event)  # ends every stall
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: http.server.ThreadingHTTPServer | None = None
 
@@ -451,8 +457,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     copy.transmissionRiskLevel = (copy.transmissionRiskLevel + 1) % 9
                 keys.append(copy)
         body = efgs_pb2.DiagnosisKeyBatch(keys=keys).SerializeToString()
-        self._send(200, body, {"batchTag": tag, "nextBatchTag": batch.next_tag or "null"},
-                   content_type="application/protobuf; version=1.0")
+        self._faulty(efgs.download_fault.get(tag), body, {"batchTag": tag, "nextBatchTag": batch.next_tag or "null"},
+                     content_type="application/protobuf; version=1.0")
 
     def _audit(self, text: str, tag: str) -> None:
         efgs = self.efgs
@@ -477,7 +483,42 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "uploaderSigningThumbprint": thumbprint(signing).lstrip("0"),
                 "signingCertificateOperatorSignature": operator_signature(anchor, signing),
                 "amount": len(u.keys), "batchSignature": u.signature})
-        self._send(200, json.dumps(entries).encode())
+        self._faulty(efgs.audit_fault.get(tag), json.dumps(entries).encode())
+
+    def _faulty(self, fault: str | None, body: bytes, headers: dict[str, str] | None = None,
+                content_type: str = "application/json") -> None:
+        """A 200 answer, or that answer going wrong as ``fault`` says (see the module docstring)."""
+        if fault is None:
+            return self._send(200, body, headers, content_type)
+        if fault == "garbage":  # a length-delimited field longer than the message: no protobuf parser takes it
+            return self._send(200, b"\x0a\xff\xff\xff\x0f<html>busy</html>", headers, content_type)
+        if fault == "stall":
+            self.efgs.release.wait(30)
+            try:
+                self._send(200, body, headers, content_type)
+            except OSError:  # the client gave up long ago
+                self.close_connection = True
+            return None
+        self.send_response(200)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            if fault == "truncate":
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True  # the rest never comes
+                return None
+            assert fault == "trickle", fault
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:  # the client gave up
+            self.close_connection = True
+        return None
 
 
 # -- helpers for tests ------------------------------------------------------------------------------------------
