@@ -80,6 +80,7 @@ class FaultyPartner:
 
     fake: FakePartner
     faults: dict[int, str] = field(default_factory=dict)  # page number -> garbage | hang | die
+    once: bool = False  # each fault fires once, as a partner's passing trouble would
     released: threading.Event = field(default_factory=threading.Event)
     server: grpc.Server | None = None
 
@@ -109,7 +110,8 @@ class FaultyPartner:
 
     def _fetch(self, body: bytes, context: grpc.ServicerContext) -> bytes:
         request = pb.FederationFetchRequest.FromString(body)
-        fault = self.faults.get(self.fake.pages.get(_where(request.state), 0))
+        page = self.fake.pages.get(_where(request.state), 0)
+        fault = self.faults.pop(page, None) if self.once else self.faults.get(page)
         if fault == "garbage":
             self.fake.requests.append(request)
             return GARBAGE
