@@ -17,7 +17,10 @@ from enpipeline.db.admin import scratch_database
 from enpipeline.db.engine import make_engine
 from enpipeline.db.migrate import migrate
 from enpipeline.model import AuthorizedApp
-from tests import support
+from tests import logscan, support
+
+# Every log line of the session is scanned for secrets and client addresses at the end (tests/logscan.py).
+pytest_plugins = ["tests.logscan"]
 
 # Anything that imports Airflow in the test process (the GCS hook tests) must not create ~/airflow.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="enp-test-airflow-home-"))
@@ -60,8 +63,11 @@ def empty_database_url(server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(database_url=database_url, var_dir=tmp_path_factory.mktemp("var"),
-                    revision_token_kek=os.urandom(32), revision_token_aad=os.urandom(16))
+    kek, aad, var_dir = os.urandom(32), os.urandom(16), tmp_path_factory.mktemp("var")
+    logscan.register_secret(kek, "revision-token KEK")
+    logscan.register_secret(aad, "revision-token AAD")
+    logscan.register_key_dir(var_dir)
+    return Settings(database_url=database_url, var_dir=var_dir, revision_token_kek=kek, revision_token_aad=aad)
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +110,7 @@ def cli(engine, settings, monkeypatch, capsys, tmp_path):
 
     monkeypatch.setenv("ENP_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("ENP_KEY_DIR", str(tmp_path / "keys"))
+    logscan.register_key_dir(tmp_path / "keys")
     monkeypatch.setenv("ENP_BLOBSTORE", f"file://{tmp_path / 'blobs'}")
 
     def run(*argv: str) -> tuple[int, str, str]:

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from enpipeline.model import ExposureKeyInput
 from enpipeline.timeutil import interval_number, truncate
 from enpipeline.verification import compute_tekmacs
+from tests import logscan
 
 ISSUER = "test-ha"
 AUDIENCE = "enpipeline-test"
@@ -23,7 +24,9 @@ KID = "v1"
 
 
 def new_signing_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    logscan.register_private_key(key, "test signing key")  # the session's log scan looks for it
+    return key
 
 
 def public_pem(key: ec.EllipticCurvePrivateKey) -> str:
@@ -76,6 +79,7 @@ def publish_body(keys: list[ExposureKeyInput], cert: Certificate | None, now: da
                  symptom_onset_interval: int | None = None, hmac_secret: bytes | None = None) -> dict[str, Any]:
     """A v1 publish body exactly as an app built for the reference server sends it."""
     hmac_secret = hmac_secret or os.urandom(16)
+    logscan.register_secret(hmac_secret, "phone HMAC secret")
     body: dict[str, Any] = {
         "temporaryExposureKeys": [
             {"key": k.key, "rollingStartNumber": k.rolling_start_number, "rollingPeriod": k.rolling_period,

@@ -36,6 +36,7 @@ from enpipeline.export.signing import FilesystemKeyManager
 from enpipeline.local_airflow import postgres_connection
 from enpipeline.model import Exposure
 from enpipeline.timeutil import interval_number, truncate
+from tests import logscan
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
@@ -151,6 +152,12 @@ class AirflowEnv:
         blob_dir.mkdir(parents=True, exist_ok=True)
         self = cls(home=home, metadata_url=metadata_url, blob_dir=blob_dir, key_dir=key_dir,
                    database_url=database_url)
+        jwt_secret, api_secret = os.urandom(32).hex(), os.urandom(16).hex()
+        # Component logs, the dag.test driver's log and task logs all live under home: the log scan reads them.
+        logscan.register_log_dir(home)
+        logscan.register_key_dir(key_dir)
+        logscan.register_secret(jwt_secret, "Airflow JWT secret")
+        logscan.register_secret(api_secret, "Airflow API secret key")
         self.env = {
             **clean_environ(),
             "PYTHONPATH": str(REPO),
@@ -159,8 +166,8 @@ class AirflowEnv:
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__API_AUTH__JWT_SECRET": os.urandom(32).hex(),
-            "AIRFLOW__API__SECRET_KEY": os.urandom(16).hex(),
+            "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret,
+            "AIRFLOW__API__SECRET_KEY": api_secret,
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
             "AIRFLOW_CONN_ENP_POSTGRES": postgres_connection(database_url),
             "AIRFLOW_CONN_ENP_BLOBSTORE": json.dumps({"conn_type": "fs", "extra": {"path": str(blob_dir)}}),

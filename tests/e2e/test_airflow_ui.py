@@ -29,6 +29,7 @@ import sqlalchemy as sa
 
 from enpipeline.db.engine import normalize_url
 from enpipeline.local_airflow import get_json
+from tests import logscan
 from tests.dags.airflow_env import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,6 +105,9 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     var = tmp_path_factory.mktemp("stack") / "var"
+    # Every log of the stack (API, Airflow components, task logs, Postgres) and every key and password it made.
+    logscan.register_log_dir(var)
+    logscan.register_key_dir(var)
     api, airflow, worker_logs, trigger_logs = _free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "_AIRFLOW", "ENP_"))}
     env.update({"ENP_LOCAL_API_PORT": str(api), "ENP_LOCAL_AIRFLOW_PORT": str(airflow),

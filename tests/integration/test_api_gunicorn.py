@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import sqlalchemy as sa
 
-from tests import support
+from tests import logscan, support
 
 
 def _free_port() -> int:
@@ -43,6 +43,7 @@ def api_server(settings, seeded, tmp_path):
                ENP_REVISION_TOKEN_KEK=base64.b64encode(settings.revision_token_kek).decode(),
                ENP_REVISION_TOKEN_AAD=base64.b64encode(settings.revision_token_aad).decode())
     log = open(tmp_path / "api.log", "wb")
+    logscan.register_log_file(tmp_path / "api.log")
     proc = subprocess.Popen([sys.executable, "-m", "enpipeline.cli", "api", "--host", "127.0.0.1", "--port",
                              str(port), "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

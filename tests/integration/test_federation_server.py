@@ -35,7 +35,7 @@ from enpipeline.model import Exposure
 from enpipeline.proto import federation_pb2 as pb
 from enpipeline.proto import federation_pb2_grpc as pb_grpc
 from enpipeline.timeutil import interval_number, truncate
-from tests import support
+from tests import logscan, support
 
 HOUR = timedelta(hours=1)
 NOW = support.fixed_now()            # 12:07:13 today, UTC
@@ -630,6 +630,7 @@ def test_cli_serve_answers_and_stops_gracefully_on_sigterm(fed_engine, settings,
             assert code == grpc.StatusCode.UNAUTHENTICATED and "missing authorization" in details
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
+        logscan.record_text("enpipeline federation serve (stdout, stderr)", line + out + err)
         assert proc.returncode == 0, err
         assert "stopped" in out
     finally:
