@@ -310,8 +310,12 @@ def _read_or_create(path: Path, size: int) -> bytes:
     if path.exists():
         return base64.b64decode(path.read_text().strip())
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)  # mkdir's mode is subject to the umask, and an existing directory keeps its own
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+    # A temporary file left by a crash keeps its mode through O_CREAT: start from a new one, made 0600.
+    tmp.unlink(missing_ok=True)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
         fh.write(base64.b64encode(os.urandom(size)).decode())
     # link() fails if the file exists, so two processes starting at once agree on one secret.
     try:

@@ -228,6 +228,26 @@ def _check_ports(wanted: dict[str, tuple[int, str]]) -> None:
         raise SystemExit("enpipeline: port(s) in use by another process: " + ", ".join(taken))
 
 
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file only its owner can read: created 0600 (never briefly wider), and an older file of
+    that name, whatever its mode, is replaced rather than reused."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # O_CREAT's mode is subject to the umask too
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_env_file(var: Path, database_url: str) -> None:
+    """``var/enp.env`` for the admin CLI; mode 0600, since an external database's URL carries its password."""
+    write_private_file(_paths(var)["env"], f"ENP_DATABASE_URL={database_url}\nENP_VAR_DIR={var}\n".encode())
+
+
 def _seed_demo(settings, var: Path) -> None:
     """An authorized app, a health authority and its verification key, so publishes work at once."""
     from cryptography.hazmat.primitives import serialization
@@ -239,14 +259,15 @@ def _seed_demo(settings, var: Path) -> None:
 
     p = _paths(var)
     if not p["demo_key"].exists():
-        p["demo_key"].parent.mkdir(parents=True, exist_ok=True)
+        demo = p["demo_key"].parent
+        demo.mkdir(parents=True, exist_ok=True)
+        os.chmod(demo, 0o700)  # mkdir's mode is subject to the umask; nobody else may swap the keys in here
         key = ec.generate_private_key(ec.SECP256R1())
-        fd = os.open(p["demo_key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+        write_private_file(p["demo_key"], key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         p["demo_pub"].write_bytes(key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        os.chmod(p["demo_pub"], 0o644)  # public, but seeded into the database as a trusted key: not writable
     engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
     with engine.begin() as conn:
         ha = authorities.get_by_issuer(conn, DEMO_ISSUER)
@@ -358,7 +379,7 @@ def up(var: Path, *, api_port: int | None = None, airflow_port: int | None = Non
                       days_ahead=settings.partition_days_ahead)
     engine.dispose()
     _seed_demo(settings, var)
-    p["env"].write_text(f"ENP_DATABASE_URL={url}\nENP_VAR_DIR={var}\n")
+    write_env_file(var, url)
 
     p["stack"].parent.mkdir(parents=True, exist_ok=True)
     p["stack"].write_text(json.dumps({"ports": ports.__dict__, "airflow": airflow_wanted, "embedded": embedded,

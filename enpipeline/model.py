@@ -37,12 +37,13 @@ class PublishRequest:
 
     keys: tuple[ExposureKeyInput, ...] = ()
     health_authority_id: str = ""
-    verification_payload: str = ""
-    hmac_key: str = ""
+    # The certificate, the HMAC secret and the revision token are credentials: never in a repr (or a log).
+    verification_payload: str = field(default="", repr=False)
+    hmac_key: str = field(default="", repr=False)
     symptom_onset_interval: int = 0
     traveler: bool = False
-    revision_token: str = ""
-    padding: str = ""
+    revision_token: str = field(default="", repr=False)
+    padding: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,6 @@ class PublishResult:
     inserted: int = 0
     revised: int = 0
     dropped: int = 0
-    revision_token: str = ""
+    revision_token: str = field(default="", repr=False)
     warnings: list[str] = field(default_factory=list)
     partial_failure: str = ""

@@ -150,7 +150,7 @@ def _newest_first(records: Sequence[RevisionKeyRecord]) -> list[RevisionKeyRecor
 class _KeyCache:
     """An immutable snapshot, swapped whole so readers never need the lock."""
 
-    deks: Mapping[int, bytes]  # kid -> unwrapped DEK, only keys that unwrapped
+    deks: Mapping[int, bytes] = field(repr=False)  # kid -> unwrapped DEK, only keys that unwrapped
     effective_kid: int | None  # newest allowed kid, even if its DEK failed to unwrap
     loaded_at: float
     expires_at: float
