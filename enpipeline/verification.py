@@ -209,7 +209,25 @@ def _reject_constant(name: str) -> Any:
 
 def _load_json(data: bytes) -> Any:
     # Go's decoder replaces invalid UTF-8 in strings and has no NaN/Infinity; mirror both.
-    return json.loads(data.decode("utf-8", errors="replace"), object_pairs_hook=_Pairs, parse_constant=_reject_constant)
+    return _replace_lone_surrogates(
+        json.loads(data.decode("utf-8", errors="replace"), object_pairs_hook=_Pairs, parse_constant=_reject_constant))
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """Go turns an unpaired ``\\ud800`` escape into U+FFFD; Python keeps the surrogate, which no database
+    driver can encode (an unverified token's ``iss`` is looked up in Postgres)."""
+    if isinstance(value, str):
+        if _LONE_SURROGATE.search(value):
+            return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return value
+    if isinstance(value, _Pairs):
+        return _Pairs((_replace_lone_surrogates(k), _replace_lone_surrogates(v)) for k, v in value)
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(v) for v in value]
+    return value
 
 
 def _json_kind(value: Any) -> str:

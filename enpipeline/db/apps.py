@@ -22,6 +22,10 @@ def _row_to_app(row: sa.Row) -> AuthorizedApp:
 
 
 def get_app(conn: Connection, name: str) -> AuthorizedApp | None:
+    if "\x00" in name:
+        # The name comes straight from a publish request. Postgres text cannot hold U+0000, so no app has
+        # it, and the driver would refuse the query with a ValueError (a 500) instead of "unknown app".
+        return None
     row = conn.execute(sa.text(f"SELECT {_COLUMNS} FROM authorized_app WHERE app_package_name = :n"),
                        {"n": name.lower()}).first()
     return _row_to_app(row) if row else None

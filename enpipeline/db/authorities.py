@@ -31,6 +31,10 @@ def _load(conn: Connection, where: str, params: dict) -> list[HealthAuthority]:
 
 
 def get_by_issuer(conn: Connection, issuer: str) -> HealthAuthority | None:
+    if "\x00" in issuer:
+        # `iss` comes from an unverified token. Postgres text cannot hold U+0000, so no issuer matches, and
+        # the driver would refuse the query with a ValueError (a 500) instead of "issuer not found".
+        return None
     found = _load(conn, "WHERE iss = :iss", {"iss": issuer})
     return found[0] if found else None
 
