@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
+from api.body import read_body
 from api.metrics import PublishMetrics
 from enpipeline.chaff import ChaffTracker
 from enpipeline.config import Settings, load_settings, with_local_secrets
@@ -97,7 +98,7 @@ def _handle_publish(state: ApiState) -> Response:
         check_content_type(request.headers.get("Content-Type"))
         if (request.content_length or 0) > settings.max_body_bytes:
             raise WireError(413, "http: request body too large")
-        body = request.stream.read(settings.max_body_bytes + 1)
+        body = read_body(request.environ, request.stream, settings.max_body_bytes + 1, settings.body_read_timeout)
         publish_request = decode_publish(body, settings.max_body_bytes)
     except WireError as exc:
         code = CODE_INTERNAL if exc.status >= 500 else CODE_BAD_REQUEST

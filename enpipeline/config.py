@@ -62,6 +62,9 @@ class Settings:
     authorized_app_cache_duration: timedelta = timedelta(minutes=5)
     verification_cache_duration: timedelta = timedelta(minutes=5)
     max_body_bytes: int = 64_000
+    # The whole body must arrive within this (under gunicorn), else 408: a slow or stalled client cannot hold
+    # a worker (sync) or a thread (gthread) for longer. Keep it below gunicorn's 30 s worker timeout.
+    body_read_timeout: timedelta = timedelta(seconds=10)
 
     # Health-authority keys synced from a jwks_uri (reference: REQUEST_TIMEOUT, HEALTH_AUTHORITY_KEY_CLEANUP_TTL)
     jwks_request_timeout: timedelta = timedelta(seconds=30)
@@ -268,6 +271,8 @@ def _validate(s: Settings, require_database: bool) -> list[str]:
         problems.append("ENP_MAX_INTERVAL_AGE_ON_PUBLISH must be a positive duration")
     if s.jwks_request_timeout <= timedelta(0):
         problems.append("ENP_JWKS_REQUEST_TIMEOUT must be a positive duration")
+    if not timedelta(0) < s.body_read_timeout < timedelta(seconds=30):
+        problems.append("ENP_BODY_READ_TIMEOUT must be > 0 and below gunicorn's 30 s worker timeout")
     if s.health_authority_key_cleanup_ttl <= timedelta(0):
         problems.append("ENP_HEALTH_AUTHORITY_KEY_CLEANUP_TTL must be a positive duration")
     if not timedelta(0) < s.revision_key_cache_duration <= timedelta(minutes=60):

@@ -711,7 +711,7 @@ def test_openapi_document_is_served_and_valid(client):
     assert spec["openapi"] == "3.0.3"
     assert {"/v1/publish", "/health", "/metrics"} <= set(spec["paths"])
     publish = spec["paths"]["/v1/publish"]["post"]
-    assert set(publish["responses"]) == {"200", "400", "401", "413", "415", "429", "500", "503"}
+    assert set(publish["responses"]) == {"200", "400", "401", "408", "413", "415", "429", "500", "503"}
     assert _inline_refs(publish["parameters"])[0]["name"] == "X-Chaff"
     codes = set(spec["components"]["schemas"]["ErrorCode"]["enum"])
     assert {"bad_request", "internal_error", "unknown_health_authority_id", "partial_failure",

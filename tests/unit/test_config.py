@@ -225,6 +225,8 @@ def test_database_url_schemes_accepted(url: str) -> None:
     ("ENP_MAX_KEYS_ON_PUBLISH", "-3", "ENP_MAX_KEYS_ON_PUBLISH must be > 0"),
     ("ENP_MAX_KEYS_ON_PUBLISH", "1.5", "ENP_MAX_KEYS_ON_PUBLISH must be an integer, got '1.5'"),
     ("ENP_MAX_BODY_BYTES", "0", "ENP_MAX_BODY_BYTES must be > 0"),
+    ("ENP_BODY_READ_TIMEOUT", "0", "ENP_BODY_READ_TIMEOUT must be > 0 and below gunicorn's 30 s worker timeout"),
+    ("ENP_BODY_READ_TIMEOUT", "30s", "ENP_BODY_READ_TIMEOUT must be > 0 and below gunicorn's 30 s worker timeout"),
     ("ENP_DEFAULT_SYMPTOM_ONSET_DAYS_AGO", "-1", "ENP_DEFAULT_SYMPTOM_ONSET_DAYS_AGO must be >= 0"),
     ("ENP_RESPONSE_PADDING_RANGE", "-1", "ENP_RESPONSE_PADDING_RANGE must be >= 0"),
     ("ENP_TRUNCATE_WINDOW", "0", "ENP_TRUNCATE_WINDOW must be a positive duration"),
