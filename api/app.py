@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from api.body import read_body
+from api.body import read_body, stop_reading
 from api.metrics import PublishMetrics
 from enpipeline.chaff import ChaffTracker
 from enpipeline.config import Settings, load_settings, with_local_secrets
@@ -101,6 +101,8 @@ def _handle_publish(state: ApiState) -> Response:
         body = read_body(request.environ, request.stream, settings.max_body_bytes + 1, settings.body_read_timeout)
         publish_request = decode_publish(body, settings.max_body_bytes)
     except WireError as exc:
+        if exc.status in (408, 413, 415):  # the body was not read (to its end): refuse the rest
+            stop_reading(request.environ)
         code = CODE_INTERNAL if exc.status >= 500 else CODE_BAD_REQUEST
         state.metrics.publishes.labels(outcome=code).inc()
         return _respond(state, exc.status, error=f"error unmarshalling API call, code: {exc.status}: {exc.message}",

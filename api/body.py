@@ -49,6 +49,18 @@ class _Deadline:
         return self.fired
 
 
+def stop_reading(environ: dict[str, Any]) -> None:
+    """Refuse the rest of a body that will not be read (413, 415, 408): shut the read side of the client
+    socket, so gunicorn does not drain it for a next keep-alive request (a gthread thread would read for as
+    long as the client keeps sending) and closes the connection after the reply."""
+    sock = environ.get("gunicorn.socket")
+    if isinstance(sock, socket.socket):
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # already closed by the client
+
+
 def read_body(environ: dict[str, Any], stream: IO[bytes], limit: int, timeout: timedelta) -> bytes:
     """Up to ``limit`` bytes of the body. Raises WireError 408 when it does not arrive within ``timeout``
     (enforced under gunicorn, which exposes the client socket) and 400 "malformed json" when the client

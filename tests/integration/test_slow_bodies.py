@@ -206,20 +206,43 @@ def test_endless_chunked_body_is_refused_after_the_limit(server):
     assert answered, f"no answer after sending {sent} bytes"
     sock.setblocking(True)
     status, payload = read_response(sock, 5)
+    closed = closed_by_server(sock)
     sock.close()
     assert status == 413
+    assert closed, "the server kept the connection to drain the rest of the body"
     assert payload["error"] == "error unmarshalling API call, code: 413: http: request body too large"
     # The server stopped reading at the limit: what was sent beyond it only sits in socket buffers.
     assert sent < 8 * 1024 * 1024, sent
+
+
+def closed_by_server(sock: socket.socket, within: float = 1.0) -> bool:
+    """The server ended the connection instead of keeping it for another request (which would mean
+    draining the refused body first)."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
 
 
 def test_huge_content_length_is_refused_before_any_body(server):
     sock = open_publish(server, {"Content-Length": str(10**12)})
     started = time.monotonic()
     status, payload = read_response(sock, 5)
-    sock.close()
     assert status == 413 and payload["code"] == "bad_request"
     assert time.monotonic() - started < 1.0
+    assert closed_by_server(sock)
+    sock.close()
+
+
+def test_wrong_content_type_does_not_read_the_body(server):
+    sock = open_publish(server, {"Content-Type": "text/plain", "Content-Length": str(10**9)}, b"x" * 1000)
+    status, payload = read_response(sock, 5)
+    assert status == 415 and payload["code"] == "bad_request"
+    assert closed_by_server(sock)
+    sock.close()
 
 
 def test_body_shorter_than_its_content_length_is_malformed(server):
