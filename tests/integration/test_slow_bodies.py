@@ -29,8 +29,9 @@ import pytest
 
 from tests import logscan
 
-BODY_TIMEOUT = 2.0
-SLACK = 1.5  # scheduling and start-up jitter on a busy 2-core machine
+BODY_TIMEOUT = 3.0
+SLACK = 2.0  # scheduling and start-up jitter on a busy 2-core machine
+AT_ONCE = BODY_TIMEOUT / 2  # "served at once": well before any body deadline could have freed a worker
 MAX_BODY = 64_000
 
 
@@ -144,7 +145,7 @@ def test_stalled_bodies_are_cut_off_and_other_clients_are_served(server):
     time.sleep(0.2)  # let the server pick them up first
     waited = served(server)
     if server.kind == "gthread":
-        assert waited < 1.0, waited  # free threads serve others at once
+        assert waited < AT_ONCE, waited  # free threads serve others at once
     else:
         assert waited < BODY_TIMEOUT + SLACK, waited  # both workers are free again once the deadline passes
     for sock in stalled:
@@ -182,7 +183,7 @@ def test_trickled_body_is_cut_off_by_the_total_deadline(server):
     elapsed = time.monotonic() - started
     assert status == 408 and payload["code"] == "bad_request"
     assert BODY_TIMEOUT - 0.3 < elapsed < BODY_TIMEOUT + SLACK, elapsed
-    assert served(server) < 1.0
+    assert served(server) < AT_ONCE
 
 
 def test_endless_chunked_body_is_refused_after_the_limit(server):
@@ -215,9 +216,10 @@ def test_endless_chunked_body_is_refused_after_the_limit(server):
     assert sent < 8 * 1024 * 1024, sent
 
 
-def closed_by_server(sock: socket.socket, within: float = 1.0) -> bool:
+def closed_by_server(sock: socket.socket, within: float = 1.5) -> bool:
     """The server ended the connection instead of keeping it for another request (which would mean
-    draining the refused body first)."""
+    draining the refused body first). ``within`` stays below gunicorn's 2 s keep-alive, after which an idle
+    kept connection would be closed anyway."""
     sock.settimeout(within)
     try:
         return sock.recv(1) == b""
@@ -232,7 +234,7 @@ def test_huge_content_length_is_refused_before_any_body(server):
     started = time.monotonic()
     status, payload = read_response(sock, 5)
     assert status == 413 and payload["code"] == "bad_request"
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < AT_ONCE
     assert closed_by_server(sock)
     sock.close()
 
@@ -266,6 +268,6 @@ def test_chunked_body_cut_short_is_malformed(server):
 
 
 def test_server_is_healthy_afterwards(server):
-    assert served(server) < 1.0
+    assert served(server) < AT_ONCE
     with urllib.request.urlopen(server.base + "/metrics", timeout=5) as resp:
         assert resp.status == 200
