@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import ipaddress
 import json
 import logging
@@ -116,7 +117,8 @@ def private_key_forms(key: Any) -> set[str]:
         numbers += [private.d, private.p, private.q]
         for n in numbers:
             forms |= secret_forms(_int_bytes(n))
-    forms |= {str(n) for n in numbers if len(str(n)) >= MIN_NEEDLE}
+    # Numbers as Python prints them too: decimal, and hex without the leading zero a byte string would have.
+    forms |= {text for n in numbers for text in (str(n), f"{n:x}", f"{n:X}") if len(text) >= MIN_NEEDLE}
     return forms
 
 
@@ -339,7 +341,10 @@ def build_index(registry: Registry) -> SecretIndex:
 # -- the plugin -------------------------------------------------------------------------------------------------
 
 class _SpoolHandler(logging.Handler):
-    """Writes every record, formatted with its traceback, to a spool file: source line, then the text."""
+    """Writes every record, formatted with its traceback, to a spool file: one JSON [source, text] per line.
+
+    Code under test may reconfigure logging (Airflow's dictConfig, logging.shutdown) and so "close" every handler;
+    that only flushes here, the spool stays open until the plugin finishes, and the plugin puts the handler back."""
 
     def __init__(self, path: Path, current: list[str]) -> None:
         super().__init__(logging.DEBUG)
@@ -353,12 +358,22 @@ class _SpoolHandler(logging.Handler):
             text = self.format(record)
         except Exception as exc:  # a record that cannot be formatted still gets its raw parts scanned
             text = f"{record.name}: unformattable record ({type(exc).__name__}): {record.msg!r} {record.args!r}"
-        self._file.write(json.dumps([f"log {record.name} during {self._current[0]}", text]) + "\n")
+        try:
+            self._file.write(json.dumps([f"log {record.name} during {self._current[0]}", text]) + "\n")
+        except ValueError:  # the spool is closed: the session is over; never fail the code that logged
+            return
         self.records += 1
 
+    def flush(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._file.flush()
+
     def close(self) -> None:
-        self._file.close()
+        self.flush()
         super().close()
+
+    def finish(self) -> None:
+        self._file.close()
 
 
 class _AsBefore(logging.Filter):
@@ -415,6 +430,12 @@ class LogScan:
         self.current[0] = item.nodeid
         self.install()  # a test or library may have reconfigured logging (Airflow's dictConfig does)
 
+    def pytest_runtest_call(self, item: pytest.Item) -> None:
+        self.install()  # again: fixtures may have imported Airflow, which configures logging on import
+
+    def pytest_runtest_teardown(self, item: pytest.Item) -> None:
+        self.install()
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Each phase's report repeats the sections of the phases before it: take only this phase's own.
         for title, content in report.sections:
@@ -448,7 +469,7 @@ class LogScan:
         root = logging.getLogger()
         root.removeHandler(self.handler)
         root.setLevel(self.root_level)
-        self.handler.close()
+        self.handler.finish()
         try:
             self.index = build_index(_REGISTRY)
             self.lines, self.findings = scan(self._collect(), self.index)

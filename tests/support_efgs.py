@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enpipeline.proto import efgs_pb2
+from tests import logscan
 
 MAX_AGE_DAYS = 2
 
@@ -99,6 +100,7 @@ class Pki:
     @classmethod
     def create(cls) -> Pki:
         key = ec.generate_private_key(ec.SECP256R1())
+        logscan.register_private_key(key, "EFGS test CA key")
         return cls(issue(name("EU", "EFGS test CA"), key, ca=True), key)
 
 
@@ -116,6 +118,8 @@ class Country:
     def create(cls, code: str, pki: Pki, *, signing_key=None, signing_country: str | None = None) -> Country:
         auth_key = ec.generate_private_key(ec.SECP256R1())
         signing_key = signing_key or ec.generate_private_key(ec.SECP256R1())
+        logscan.register_private_key(auth_key, f"EFGS {code} TLS client key")
+        logscan.register_private_key(signing_key, f"EFGS {code} signing key")
         return cls(code, issue(name(code, f"{code} key server"), auth_key, issuer=(pki.cert, pki.key), client=True),
                    auth_key, issue(name(signing_country or code, f"{code} batch signing"), signing_key),
                    signing_key)
@@ -251,6 +255,7 @@ class FakeEfgs:
     def start(cls) -> FakeEfgs:
         pki = Pki.create()
         key = ec.generate_private_key(ec.SECP256R1())
+        logscan.register_private_key(key, "EFGS gateway TLS server key")
         self = cls(pki, issue(name("EU", "efgs.test"), key, issuer=(pki.cert, pki.key), server_ip="127.0.0.1"), key)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.verify_mode = ssl.CERT_REQUIRED

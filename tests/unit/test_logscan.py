@@ -209,3 +209,18 @@ def test_a_session_whose_logs_leak_fails_even_when_every_test_passes(tmp_path):
                            text=True, timeout=120, check=False)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "0 finding(s)" in clean.stdout and "log scan: " in clean.stdout
+
+
+def test_the_spool_survives_logging_being_reconfigured_and_never_fails_a_logger(tmp_path):
+    """Airflow's dictConfig closes every handler; the spool must keep collecting, and must never raise into the
+    code that logs (even after the session closed it)."""
+    current = ["test"]
+    handler = logscan._SpoolHandler(tmp_path / "spool.jsonl", current)
+    record = logging.LogRecord("enpipeline.x", logging.INFO, __file__, 1, "published %d keys", (14,), None)
+    handler.handle(record)
+    handler.close()              # what logging.shutdown() / dictConfig do to every handler
+    handler.handle(record)
+    handler.finish()             # the plugin, at session end
+    handler.handle(record)       # a straggling thread: dropped, no exception
+    lines = (tmp_path / "spool.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all("published 14 keys" in line and "during test" in line for line in lines)
