@@ -19,8 +19,10 @@ What is a finding (scanned at session end, when every secret is known):
 * an IP address, by this rule: tests play clients only from the documentation ranges (192.0.2.0/24,
   198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32), so any of those in a log is a client's address that leaked;
   any other address is allowed only if it is loopback (127.0.0.0/8, ::1), unspecified (0.0.0.0, ::) or one of
-  this host's own addresses, i.e. where our servers bind and connect, never a client's. Dotted numbers that are
-  part of a longer dotted sequence (OIDs) or of a product token (``Chrome/120.0.0.0``) are not addresses.
+  this host's own addresses (interfaces and host names), i.e. where our servers bind and connect, never a
+  client's; an own address is allowed even inside a documentation range, since test clients never use one.
+  Dotted numbers that are part of a longer dotted sequence (OIDs) or of a product token (``Chrome/120.0.0.0``)
+  are not addresses.
 
 A finding fails the session (exit status 1 even if every test passed) and is printed with its source and the line,
 the secret redacted. The terminal summary gives lines scanned, sources and findings either way.
@@ -157,8 +159,17 @@ class SecretIndex:
 # -- IP addresses -------------------------------------------------------------------------------------------------
 
 def own_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """This host's addresses (where our test servers bind and connect from)."""
+    """This host's addresses (where our test servers bind and connect from): its interfaces' and its names'."""
     found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    try:
+        import psutil  # Airflow's dependency; without it the host names' addresses below still count
+
+        for addresses in psutil.net_if_addrs().values():
+            for address in addresses:
+                with contextlib.suppress(ValueError):
+                    found.add(ipaddress.ip_address(address.address.split("%")[0]))
+    except ImportError:
+        pass
     names = {socket.gethostname(), socket.getfqdn()}
     for name in names:
         try:
@@ -177,10 +188,11 @@ def ip_problem(text: str, own: set[Any]) -> str | None:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    if any(address in network for network in DOCUMENTATION_NETWORKS):
-        return "client IP address"
+    # This host's own addresses first: a machine may itself sit in a documentation range (this one does).
     if address.is_loopback or address.is_unspecified or address in own:
         return None
+    if any(address in network for network in DOCUMENTATION_NETWORKS):
+        return "client IP address"
     return "IP address that is neither loopback nor this host's"
 
 
