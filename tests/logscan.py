@@ -43,6 +43,7 @@ import re
 import socket
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -420,6 +421,7 @@ class LogScan:
         self.sources: Counter[str] = Counter()
         self.findings: list[Finding] = []
         self.index = SecretIndex()
+        self.seconds = 0.0
         self.done = False
 
     def install(self) -> None:
@@ -482,11 +484,13 @@ class LogScan:
         root.removeHandler(self.handler)
         root.setLevel(self.root_level)
         self.handler.finish()
+        started = time.perf_counter()
         try:
             self.index = build_index(_REGISTRY)
             self.lines, self.findings = scan(self._collect(), self.index)
         finally:
             self.spool.unlink(missing_ok=True)
+        self.seconds = time.perf_counter() - started
         self.done = True
         if self.findings and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -499,7 +503,8 @@ class LogScan:
         sources = ", ".join(f"{n} {what}" for what, n in sorted(self.sources.items())) or "nothing"
         tr.write_line(f"log scan: {self.lines} lines from {sources}; looked for {self.index.keys} private keys and "
                       f"{self.index.secrets} secrets ({self.index.needles} encodings; {len(_REGISTRY.key_dirs)} "
-                      f"key directories read), client and foreign IP addresses; {len(self.findings)} finding(s)")
+                      f"key directories read), client and foreign IP addresses, in {self.seconds:.1f}s; "
+                      f"{len(self.findings)} finding(s)")
         for finding in self.findings[:MAX_PRINTED]:
             tr.write_line(f"  {finding}", red=True)
         if len(self.findings) > MAX_PRINTED:

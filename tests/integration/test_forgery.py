@@ -53,7 +53,7 @@ from enpipeline.proto import revision_pb2
 from enpipeline.publish.service import create_publish_service
 from enpipeline.revision import KeyWrapper, RevisionTokenCodec, create_key, rotate_keys
 from enpipeline.verification import compute_tekmacs, hmac_messages
-from tests import support
+from tests import logscan, support
 from tests.support import APP_ID, AUDIENCE, ISSUER, KID
 
 INVALID_CERT = "health_authority_verification_certificate_invalid"
@@ -143,6 +143,7 @@ class World:
     def body(self, token: str, *, keys: list[ExposureKeyInput] | None = None, secret: bytes | None = None,
              app_id: str = APP_ID) -> dict[str, Any]:
         keys = self.keys if keys is None else keys
+        logscan.register_secret(self.secret if secret is None else secret, "phone HMAC secret")
         return {"temporaryExposureKeys": [{"key": k.key, "rollingStartNumber": k.rolling_start_number,
                                            "rollingPeriod": k.rolling_period,
                                            **({"transmissionRisk": k.transmission_risk}
