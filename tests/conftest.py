@@ -67,7 +67,10 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
     logscan.register_secret(kek, "revision-token KEK")
     logscan.register_secret(aad, "revision-token AAD")
     logscan.register_key_dir(var_dir)
-    return Settings(database_url=database_url, var_dir=var_dir, revision_token_kek=kek, revision_token_aad=aad)
+    # Keys and blobs inside the session's var dir, as load_settings places them: Settings' own defaults are relative
+    # to the working directory, and a test writing a signing key there would leave it in the checkout's var/.
+    return Settings(database_url=database_url, var_dir=var_dir, key_dir=var_dir / "keys",
+                    blobstore=f"file://{var_dir / 'blobs'}", revision_token_kek=kek, revision_token_aad=aad)
 
 
 @pytest.fixture(scope="session")
