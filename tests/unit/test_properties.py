@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from enpipeline.config import Settings
@@ -221,9 +221,11 @@ def _well_typed(kind: str, value: Any) -> bool:
         return (isinstance(value, int) and not isinstance(value, bool)
                 and -(2 ** (bits - 1)) <= value < 2 ** (bits - 1))
     assert kind == "keys"
+    # Key members match case-insensitively too, as Go's encoding/json does (`Key`, `ROLLINGPERIOD`).
     return isinstance(value, list) and all(
         item is None or (isinstance(item, dict) and all(
-            name in KEY_FIELDS and _well_typed(KEY_FIELDS[name], v) for name, v in item.items()))
+            _canonical(name, KEY_FIELDS) is not None and _well_typed(KEY_FIELDS[_canonical(name, KEY_FIELDS)], v)
+            for name, v in item.items()))
         for item in value)
 
 
@@ -251,6 +253,7 @@ def _canonical(name: str, fields: dict[str, str]) -> str | None:
 
 @settings(PROPERTY, max_examples=EXAMPLES["decode_json"])
 @given(doc=st.one_of(PUBLISH_LIKE, PUBLISH_LIKE, ANY_JSON))
+@example(doc={"temporaryExposureKeys": [{"rollingStartNumber": 0, "Key": ""}]})  # member names ignore case
 def test_decoder_accepts_exactly_the_well_typed_bodies(doc: Any) -> None:
     body = json.dumps(doc).encode()
     # Independent verdict: an object (or null) whose every member names a field, case-insensitively,
