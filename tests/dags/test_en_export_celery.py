@@ -43,6 +43,7 @@ from enpipeline.export import format as fmt
 from enpipeline.timeutil import truncate
 from tests.dags.airflow_env import (
     AIRFLOW,
+    REPO,
     AirflowEnv,
     add_config,
     add_signing_key,
@@ -57,6 +58,7 @@ from tests.dags.airflow_env import (
 from tests.dags.conftest import TIMINGS
 
 HOUR = timedelta(hours=1)
+FAULTS = REPO / "tests" / "dags" / "faults"  # its sitecustomize slows uploads down (ENP_TEST_EXPORT_UPLOAD_DELAY)
 REDIS_URL = os.environ.get("ENP_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
 PER_FILE = 10
 KEYS = 35  # four files: 10 + 10 + 10 + 5
@@ -95,7 +97,11 @@ def celery_worker(env: AirflowEnv, letter: str, queue: str, node: str) -> Iterat
          "--pid", str(env.home / f"worker-{letter}.pid"), "--skip-serve-logs"],
         cwd=env.home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**env.env, "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.dags.worker_hostname.hostname",
-             "ENP_TEST_WORKER_HOSTNAME": node})
+             "ENP_TEST_WORKER_HOSTNAME": node,
+             # Each shard upload takes 2 s (tests/dags/faults/sitecustomize.py): a worker that finished a 0.6 s
+             # shard could otherwise take every shard in turn before the other one is handed any (seen in CI).
+             "PYTHONPATH": os.pathsep.join(p for p in (str(FAULTS), str(REPO), env.env.get("PYTHONPATH")) if p),
+             "ENP_TEST_EXPORT_UPLOAD_DELAY": "2"})
     try:
         yield proc
     finally:

@@ -152,7 +152,10 @@ def test_shard_tasks_killed_mid_upload_are_retried_and_the_index_never_names_a_m
     # -- the index never named a missing or half-written object ---------------------------------------------------
     assert read_journal(journal, VIOLATIONS) == [], f"see {journal / VIOLATIONS}"
     index_writes = [e for e in events if e["op"] == "index"]
-    assert len(index_writes) == 2 and sorted(e["names"] for e in index_writes) == [3, 6]
+    # One write per run's finalize. The first names 3 files, or 6 when the other run's batch was marked complete
+    # before it (the two runs finalize concurrently); the last always names all 6.
+    assert len(index_writes) == 2 and {e["names"] for e in index_writes} <= {3, 6}
+    assert max(e["names"] for e in index_writes) == 6
     deletes = [e for e in events if e["op"] == "delete"]
     all_names = sorted(n for ns in names.values() for n in ns)
     assert airflow.zips(ROOT) == all_names

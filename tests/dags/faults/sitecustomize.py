@@ -13,3 +13,20 @@ if _spec:
 
     _faults = json.loads(_spec)
     install_airflow_faults(Path(_faults["journal"]), dict(_faults["kills"]))
+
+_delay = os.environ.get("ENP_TEST_EXPORT_UPLOAD_DELAY")
+if _delay:
+    # Slow every export file upload down, so that a task holds its worker slot long enough for the next task
+    # to be visibly placed elsewhere (tests/dags/test_en_export_celery.py).
+    import time
+
+    from enpipeline.blobstore import FilesystemBlobstore
+
+    _create = FilesystemBlobstore.create
+
+    def _slow_create(self, bucket, name, data, **kwargs):
+        if name.endswith(".zip"):
+            time.sleep(float(_delay))
+        return _create(self, bucket, name, data, **kwargs)
+
+    FilesystemBlobstore.create = _slow_create
