@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.engine import Engine
 
 from enpipeline.model import ExposureKeyInput
 from enpipeline.timeutil import interval_number, truncate
@@ -104,3 +108,33 @@ def fixed_now() -> datetime:
     """A stable 'now' in the middle of a UTC day, so day arithmetic in tests is predictable."""
     today = truncate(datetime.now(UTC), timedelta(days=1))
     return today + timedelta(hours=12, minutes=7, seconds=13)
+
+
+@contextmanager
+def exposure_insert_trigger(engine: Engine, name: str, plpgsql: str) -> Iterator[None]:
+    """A real database fault on every exposure insert: a BEFORE INSERT trigger running ``plpgsql`` (a function
+    body, e.g. ``RAISE EXCEPTION 'injected failure';``), dropped again afterwards."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql"
+                             f" AS $$ BEGIN {plpgsql} END $$"))
+        conn.execute(sa.text(f"CREATE TRIGGER {name} BEFORE INSERT ON exposure FOR EACH ROW EXECUTE FUNCTION {name}()"))
+    try:
+        yield
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TRIGGER IF EXISTS {name} ON exposure"))
+            conn.execute(sa.text(f"DROP FUNCTION IF EXISTS {name}()"))
+
+
+def inline_refs(node: Any, spec: dict) -> Any:
+    """``node`` of an OpenAPI document with every local ``$ref`` replaced by what it points to."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target: Any = spec
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            return inline_refs(target, spec)
+        return {k: inline_refs(v, spec) for k, v in node.items()}
+    if isinstance(node, list):
+        return [inline_refs(v, spec) for v in node]
+    return node

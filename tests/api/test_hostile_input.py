@@ -32,6 +32,7 @@ from enpipeline.db import apps
 from enpipeline.model import AuthorizedApp, ExposureKeyInput
 from enpipeline.publish.service import create_publish_service
 from enpipeline.timeutil import interval_number, truncate
+from tests import support
 from tests.conftest import TABLES
 from tests.support import APP_ID, day_keys, fixed_now, publish_body, random_key_b64
 
@@ -67,16 +68,7 @@ SENT: list[int] = []
 
 
 def _inline(node: Any) -> Any:
-    if isinstance(node, dict):
-        if "$ref" in node:
-            target: Any = SPEC
-            for part in node["$ref"].removeprefix("#/").split("/"):
-                target = target[part]
-            return _inline(target)
-        return {k: _inline(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_inline(v) for v in node]
-    return node
+    return support.inline_refs(node, SPEC)
 
 
 def send(client: FlaskClient, body: bytes | str | dict, *, content_type: str | None = "application/json",

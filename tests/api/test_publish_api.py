@@ -30,6 +30,7 @@ from enpipeline.db.engine import make_engine
 from enpipeline.model import AuthorizedApp, ExposureKeyInput
 from enpipeline.publish.service import create_publish_service
 from enpipeline.timeutil import interval_number, truncate
+from tests import support
 from tests.support import APP_ID, AUDIENCE, ISSUER, Certificate, day_keys, fixed_now, publish_body, random_key_b64
 
 SPEC = json.loads(OPENAPI_PATH.read_text())
@@ -43,16 +44,7 @@ HMAC_MISMATCH = "HMAC mismatch, publish request does not match disgnosis verific
 
 
 def _inline_refs(node: Any) -> Any:
-    if isinstance(node, dict):
-        if "$ref" in node:
-            target: Any = SPEC
-            for part in node["$ref"].removeprefix("#/").split("/"):
-                target = target[part]
-            return _inline_refs(target)
-        return {k: _inline_refs(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_inline_refs(v) for v in node]
-    return node
+    return support.inline_refs(node, SPEC)
 
 
 def assert_matches_spec(path: str, method: str, response: Any) -> None:
@@ -175,33 +167,16 @@ def unreachable_engine(settings) -> Engine:
 @pytest.fixture
 def failing_inserts(engine: Engine):
     """A real database error on every exposure insert (a trigger that raises)."""
-    with engine.begin() as conn:
-        conn.execute(sa.text("CREATE OR REPLACE FUNCTION enp_test_fail_insert() RETURNS trigger LANGUAGE plpgsql"
-                             " AS $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$"))
-        conn.execute(sa.text("CREATE TRIGGER enp_test_fail_insert BEFORE INSERT ON exposure"
-                             " FOR EACH ROW EXECUTE FUNCTION enp_test_fail_insert()"))
-    try:
+    with support.exposure_insert_trigger(engine, "enp_test_fail_insert", "RAISE EXCEPTION 'injected failure';"):
         yield
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text("DROP TRIGGER IF EXISTS enp_test_fail_insert ON exposure"))
-            conn.execute(sa.text("DROP FUNCTION IF EXISTS enp_test_fail_insert()"))
 
 
 @pytest.fixture
 def connection_killing_inserts(engine: Engine):
     """Every exposure insert makes the server terminate the inserting connection mid-transaction."""
-    with engine.begin() as conn:
-        conn.execute(sa.text("CREATE OR REPLACE FUNCTION enp_test_kill_insert() RETURNS trigger LANGUAGE plpgsql"
-                             " AS $$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW; END $$"))
-        conn.execute(sa.text("CREATE TRIGGER enp_test_kill_insert BEFORE INSERT ON exposure"
-                             " FOR EACH ROW EXECUTE FUNCTION enp_test_kill_insert()"))
-    try:
+    with support.exposure_insert_trigger(engine, "enp_test_kill_insert",
+                                         "PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW;"):
         yield
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text("DROP TRIGGER IF EXISTS enp_test_kill_insert ON exposure"))
-            conn.execute(sa.text("DROP FUNCTION IF EXISTS enp_test_kill_insert()"))
 
 
 # -- success ---------------------------------------------------------------------------------------

@@ -101,17 +101,8 @@ def gunicorn(settings, seeded, tmp_path) -> Iterator[tuple[str, Path]]:
 @pytest.fixture
 def failing_inserts(engine: Engine) -> Iterator[None]:
     """A real database error on every exposure insert (a trigger that raises), so the 500 path logs."""
-    with engine.begin() as conn:
-        conn.execute(sa.text("CREATE OR REPLACE FUNCTION enp_test_privacy_fail() RETURNS trigger LANGUAGE plpgsql"
-                             " AS $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$"))
-        conn.execute(sa.text("CREATE TRIGGER enp_test_privacy_fail BEFORE INSERT ON exposure"
-                             " FOR EACH ROW EXECUTE FUNCTION enp_test_privacy_fail()"))
-    try:
+    with support.exposure_insert_trigger(engine, "enp_test_privacy_fail", "RAISE EXCEPTION 'injected failure';"):
         yield
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text("DROP TRIGGER IF EXISTS enp_test_privacy_fail ON exposure"))
-            conn.execute(sa.text("DROP FUNCTION IF EXISTS enp_test_privacy_fail()"))
 
 
 def _register_revision_deks(engine: Engine, settings) -> list[bytes]:
