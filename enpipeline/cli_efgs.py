@@ -72,7 +72,22 @@ def cmd_add_target(args: argparse.Namespace) -> None:
           f"{signing_ref} in {settings.key_dir} (mode 0600)")
     if target.trust_anchor is None:
         print("note: no --trust-anchor, so pushes work but pulls are refused (other countries' signing "
-              "certificates could not be checked); remove the target and add it again with --trust-anchor to pull")
+              "certificates could not be checked); add one with `enpipeline efgs set-trust-anchor` to pull")
+
+
+def cmd_set_trust_anchor(args: argparse.Namespace) -> None:
+    """Give an existing target its trust anchor (or a new one) without losing its push and pull history."""
+    from enpipeline.db import efgs as db
+    from enpipeline.efgs import targets
+
+    try:
+        anchor = targets.check_trust_anchor(_read(args.trust_anchor, "--trust-anchor") or b"")
+    except targets.TargetError as exc:
+        raise CliError(str(exc)) from None
+    with _engine(_settings()).begin() as conn:
+        if not db.set_trust_anchor(conn, args.id, anchor):
+            raise CliError(f"no EFGS target with id {args.id!r}")
+    print(f"EFGS target {args.id!r}: trust anchor set; pulls check every country's signing certificate against it")
 
 
 def cmd_list_targets(args: argparse.Namespace) -> None:
@@ -201,6 +216,10 @@ def register(sub: Any, add: Any) -> None:
     p.add_argument("--trust-anchor", metavar="PEM",
                    help="the gateway's trust anchor certificate(s): it signs every country's signing certificate; "
                         "pulls refuse to run without it")
+    p = add(efgs, "set-trust-anchor", cmd_set_trust_anchor,
+            "set or replace a target's trust anchor (keeps its history; pulls need one)")
+    p.add_argument("--id", required=True)
+    p.add_argument("--trust-anchor", required=True, metavar="PEM")
     p = add(efgs, "list-targets", cmd_list_targets, "list the configured gateways")
     p.add_argument("--json", action="store_true")
     p = add(efgs, "remove-target", cmd_remove_target, "forget a gateway, its history and its private keys")

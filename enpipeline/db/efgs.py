@@ -65,6 +65,12 @@ def add_target(conn: Connection, target: EfgsTarget, now: datetime) -> EfgsTarge
     return EfgsTarget(**row._asdict())
 
 
+def set_trust_anchor(conn: Connection, target_id: str, trust_anchor: str) -> bool:
+    """Replace a target's trust anchor; False if there is no such target."""
+    return conn.execute(sa.text("UPDATE efgs_target SET trust_anchor = :a WHERE target_id = :t"),
+                        {"a": trust_anchor, "t": target_id}).rowcount == 1
+
+
 def get_target(conn: Connection, target_id: str) -> EfgsTarget | None:
     row = conn.execute(sa.text(f"SELECT {_TARGET_COLUMNS} FROM efgs_target WHERE target_id = :t"),
                        {"t": target_id}).one_or_none()

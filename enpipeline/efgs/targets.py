@@ -134,12 +134,7 @@ def check_target(target_id: str, url: str, country: str, files: TargetFiles, now
     anchor_pem = None
     if files.trust_anchor is not None:
         try:
-            anchors = _certificates(files.trust_anchor, "--trust-anchor")
-            bad = [a.subject.rfc4514_string() for a in anchors
-                   if not isinstance(a.public_key(), rsa.RSAPublicKey | ec.EllipticCurvePublicKey)]
-            if bad:
-                problems.append(f"--trust-anchor {', '.join(bad)} must have an RSA or EC key")
-            anchor_pem = "".join(a.public_bytes(serialization.Encoding.PEM).decode() for a in anchors)
+            anchor_pem = check_trust_anchor(files.trust_anchor)
         except TargetError as exc:
             problems.append(str(exc))
     if problems:
@@ -151,6 +146,16 @@ def check_target(target_id: str, url: str, country: str, files: TargetFiles, now
         client_cert="".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in client_certs),
         tls_credentials="", signing_cert=signing_certs[0].public_bytes(serialization.Encoding.PEM).decode(),
         signing_credentials="", ca_cert=ca_pem, trust_anchor=anchor_pem)
+
+
+def check_trust_anchor(data: bytes) -> str:
+    """The trust anchor certificate(s) as normalised PEM; TargetError unless each has an RSA or EC key."""
+    anchors = _certificates(data, "--trust-anchor")
+    bad = [a.subject.rfc4514_string() for a in anchors
+           if not isinstance(a.public_key(), rsa.RSAPublicKey | ec.EllipticCurvePublicKey)]
+    if bad:
+        raise TargetError(f"--trust-anchor {', '.join(bad)} must have an RSA or EC key")
+    return "".join(a.public_bytes(serialization.Encoding.PEM).decode() for a in anchors)
 
 
 def store_target_keys(key_dir: Path, target: EfgsTarget, files: TargetFiles) -> tuple[str, str]:

@@ -938,7 +938,7 @@ def test_efgs_target_without_a_trust_anchor_pulls_nothing(gateway, engine, efgs_
         assert efgs_db.get_cursor(conn, "efgs", datetime.now(UTC).date()) is None
 
 
-def test_efgs_cli_says_when_a_target_cannot_pull(gateway, cli, tmp_path):
+def test_efgs_cli_says_when_a_target_cannot_pull_and_sets_an_anchor_later(gateway, cli, tmp_path, engine):
     de = gateway.country("DE")
     files = de.write(tmp_path / "pem", gateway.pki)
     args = ["efgs", "add-target", "--id", "eu", "--url", gateway.url, "--country", "DE", "--client-cert",
@@ -949,3 +949,26 @@ def test_efgs_cli_says_when_a_target_cannot_pull(gateway, cli, tmp_path):
     assert "pulls are refused" in out
     code, out, _ = cli("efgs", "list-targets", "--json")
     assert code == 0 and json.loads(out)[0]["trust_anchor"] == "none (pulls refused)"
+
+    # An existing target gets its anchor without being removed (which would drop its history and keys).
+    from tests.support_efgs import efgs_key, pem, upload_as
+
+    code, _, err = cli("efgs", "set-trust-anchor", "--id", "eu", "--trust-anchor", str(files["client_cert"]))
+    assert code == 0, err  # any certificate with an RSA or EC key is a well-formed anchor; the real one follows
+    (tmp_path / "not-pem.txt").write_text("no certificate here")
+    code, _, err = cli("efgs", "set-trust-anchor", "--id", "eu", "--trust-anchor", str(tmp_path / "not-pem.txt"))
+    assert code != 0 and "--trust-anchor" in err
+    code, _, err = cli("efgs", "set-trust-anchor", "--id", "nope", "--trust-anchor", str(files["client_cert"]))
+    assert code != 0 and "no EFGS target with id 'nope'" in err
+    (tmp_path / "anchor.pem").write_bytes(pem(gateway.trust_anchor.cert))
+    code, out, err = cli("efgs", "set-trust-anchor", "--id", "eu", "--trust-anchor", str(tmp_path / "anchor.pem"))
+    assert code == 0 and "trust anchor set" in out, err
+    code, out, _ = cli("efgs", "list-targets", "--json")
+    assert json.loads(out)[0]["trust_anchor"] == gateway.trust_anchor.cert.subject.rfc4514_string()
+    fr_key = efgs_key("FR")
+    upload_as(gateway, gateway.country("FR"), [fr_key], "fr-1")
+    gateway.batch()
+    assert _stored_keys(engine) == set()
+    code, out, err = cli("efgs", "pull", "--target", "eu", "--json")
+    assert code == 0, err
+    assert _stored_keys(engine) == {fr_key.keyData}
