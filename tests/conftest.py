@@ -12,11 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from enpipeline.config import Settings
-from enpipeline.db import apps, authorities
 from enpipeline.db.admin import scratch_database
 from enpipeline.db.engine import make_engine
 from enpipeline.db.migrate import migrate
-from enpipeline.model import AuthorizedApp
 from tests import logscan, support
 
 # Every log line of the session is scanned for secrets and client addresses at the end (tests/logscan.py).
@@ -97,12 +95,7 @@ def ha_key():
 @pytest.fixture
 def seeded(engine: Engine, ha_key) -> dict:
     """One health authority with an active key and one app that trusts it (region US)."""
-    with engine.begin() as conn:
-        ha_id = authorities.add_authority(conn, issuer=support.ISSUER, audience=support.AUDIENCE, name="Test HA")
-        authorities.add_key(conn, ha_id, version=support.KID, public_key_pem=support.public_pem(ha_key),
-                            from_timestamp=datetime(2020, 1, 1, tzinfo=UTC))
-        apps.upsert_app(conn, AuthorizedApp(app_package_name=support.APP_ID, allowed_regions=("US",),
-                                            allowed_health_authority_ids=(ha_id,)))
+    ha_id = support.seed_app(engine, ha_key)
     return {"ha_id": ha_id, "key": ha_key, "cert": support.Certificate(key=ha_key)}
 
 

@@ -138,3 +138,18 @@ def inline_refs(node: Any, spec: dict) -> Any:
     if isinstance(node, list):
         return [inline_refs(v, spec) for v in node]
     return node
+
+
+def seed_app(engine: Engine, key: ec.EllipticCurvePrivateKey) -> int:
+    """One health authority (ISSUER/AUDIENCE) with ``key`` active as KID, and the app APP_ID (region US) that
+    trusts it; returns the authority's id."""
+    from enpipeline.db import apps, authorities
+    from enpipeline.model import AuthorizedApp
+
+    with engine.begin() as conn:
+        ha_id = authorities.add_authority(conn, issuer=ISSUER, audience=AUDIENCE, name="Test HA")
+        authorities.add_key(conn, ha_id, version=KID, public_key_pem=public_pem(key),
+                            from_timestamp=datetime(2020, 1, 1, tzinfo=UTC))
+        apps.upsert_app(conn, AuthorizedApp(app_package_name=APP_ID, allowed_regions=("US",),
+                                            allowed_health_authority_ids=(ha_id,)))
+    return ha_id

@@ -22,10 +22,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from enpipeline.db import apps, authorities
 from enpipeline.db.engine import make_engine
 from enpipeline.db.migrate import migrate
-from enpipeline.model import AuthorizedApp
 from tests import support
 from tests.postgres_instance import RestartablePostgres, free_port
 
@@ -63,12 +61,7 @@ def seeded_outage_db(postgres):
     engine = make_engine(postgres.url)
     migrate(engine, now=datetime.now(UTC), retention=timedelta(days=14), days_ahead=2)
     key = support.new_signing_key()
-    with engine.begin() as conn:
-        ha_id = authorities.add_authority(conn, issuer=support.ISSUER, audience=support.AUDIENCE, name="Test HA")
-        authorities.add_key(conn, ha_id, version=support.KID, public_key_pem=support.public_pem(key),
-                            from_timestamp=datetime(2020, 1, 1, tzinfo=UTC))
-        apps.upsert_app(conn, AuthorizedApp(app_package_name=support.APP_ID, allowed_regions=("US",),
-                                            allowed_health_authority_ids=(ha_id,)))
+    support.seed_app(engine, key)
     engine.dispose()
     return support.Certificate(key=key)
 

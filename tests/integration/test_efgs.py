@@ -8,7 +8,6 @@ import base64
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,20 +28,6 @@ from tests import support_efgs as fake
 from tests.support_efgs import FakeEfgs, add_target, efgs_key, upload_as
 
 HOUR = timedelta(hours=1)
-
-
-@pytest.fixture
-def gateway() -> Iterator[FakeEfgs]:
-    g = FakeEfgs.start()
-    try:
-        yield g
-    finally:
-        g.stop()
-
-
-@pytest.fixture
-def efgs_settings(settings, tmp_path):
-    return settings.replace(key_dir=tmp_path / "keys")
 
 
 @pytest.fixture

@@ -779,22 +779,6 @@ def test_genuine_federation_bearer_is_served(federation):
 
 # -- EFGS: forgeries by the gateway itself, and a gateway we cannot verify -------------------------------------------
 
-@pytest.fixture
-def gateway() -> Iterator[Any]:
-    from tests.support_efgs import FakeEfgs
-
-    g = FakeEfgs.start()
-    try:
-        yield g
-    finally:
-        g.stop()
-
-
-@pytest.fixture
-def efgs_settings(settings, tmp_path):
-    return settings.replace(key_dir=tmp_path / "keys")
-
-
 def _add_target(engine: Engine, key_dir: Any, gateway: Any, country: Any, *, url: str | None = None,
                 ca: Any = None) -> None:
     """tests.support_efgs.add_target with the URL and the CA we trust for the gateway's TLS under our control."""

@@ -60,7 +60,7 @@ from tests.integration.test_federation_pull import (
     syncs,
     tek,
 )
-from tests.support_efgs import FakeEfgs, add_target, efgs_key, upload_as
+from tests.support_efgs import add_target, efgs_key, upload_as
 
 GARBAGE = b"\x0a\xff\xff\xff\x0f<html>502 Bad Gateway</html>"  # a length-delimited field past the end: no message
 
@@ -401,16 +401,6 @@ def test_an_index_that_breaks_records_nothing_and_a_later_run_imports_everything
 
 
 # == EFGS pull: the gateway fails on batch 2 of 3 ================================================================
-
-@pytest.fixture
-def gateway() -> Iterator[FakeEfgs]:
-    g = FakeEfgs.start()
-    try:
-        yield g
-    finally:
-        g.release.set()
-        g.stop()
-
 
 EFGS_FAULTS = {
     # (endpoint, fault): the reason in the error
