@@ -25,7 +25,7 @@ from enpipeline.model import (
     TRANSMISSION_RISK_BY_REPORT_TYPE,
     Exposure,
 )
-from enpipeline.publish.transform import validate_key_fields
+from enpipeline.publish.transform import key_rules
 
 # Report types as numbered in federation.proto and export.proto.
 UNKNOWN, CONFIRMED_TEST, CONFIRMED_CLINICAL_DIAGNOSIS, SELF_REPORT, RECURSIVE, REVOKED = range(6)
@@ -76,19 +76,57 @@ def _normalized(regions: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted({r.strip().upper() for r in regions if r.strip()}))
 
 
+class ForeignKeyRules:
+    """Everything ``to_exposure`` checks and derives, for keys arriving at one ``now``, computed once.
+
+    ``values`` is the shared core: ``to_exposure`` builds a row from it, and a pull stages it straight into COPY
+    text (``stage``) without an Exposure per key.
+    """
+
+    def __init__(self, settings: Settings, now: datetime):
+        self._settings = settings
+        self._check = key_rules(settings, now).check
+        self._report_types: dict[int, str] = {}
+
+    def report_type(self, value: int) -> str:
+        name = self._report_types.get(value)
+        if name is None:  # first sight of this value, or a refused one (which raises every time)
+            name = report_type_name(value, accept_self_report=self._settings.federation_accept_self_report,
+                                    accept_recursive=self._settings.federation_accept_recursive)
+            self._report_types[value] = name
+        return name
+
+    def values(self, key: bytes, transmission_risk: int, interval_number: int, interval_count: int, report_type: int,
+               days_since_onset: int | None) -> tuple[datetime, str, int, int | None]:
+        """created_at, report type, transmission risk (filled from the report type when 0) and days since onset
+        (dropped when out of range, as the reference) of a key; raises ValueError naming the broken rule."""
+        created_at = self._check(key, interval_number, interval_count, transmission_risk)
+        name = self.report_type(report_type)
+        tr = transmission_risk or TRANSMISSION_RISK_BY_REPORT_TYPE.get(name, 0)
+        if days_since_onset is not None and abs(days_since_onset) > MAX_DAYS_SINCE_ONSET:
+            days_since_onset = None
+        return created_at, name, tr, days_since_onset
+
+    def stage(self, rows: exposures_db.StagedRows, key: bytes, transmission_risk: int, interval_number: int,
+              interval_count: int, report_type: int, days_since_onset: int | None, regions: Sequence[str],
+              traveler: bool) -> None:
+        """Validate a primary key and add it to ``rows`` (revoked keys are never stored: skipped silently, as in
+        ``store_foreign_keys``); raises ValueError naming the broken rule."""
+        created_at, name, tr, dsos = self.values(key, transmission_risk, interval_number, interval_count,
+                                                 report_type, days_since_onset)
+        if name != REPORT_TYPE_NEGATIVE:
+            rows.add_foreign(key, tr, _normalized(tuple(regions)), traveler, interval_number, interval_count,
+                             created_at, name, dsos)
+
+
 def to_exposure(key: ForeignKey, *, settings: Settings, now: datetime, **provenance) -> Exposure:
     """Validate ``key`` like a publish and build its row; raises ValueError naming the broken rule.
 
     ``provenance`` sets the source columns (sync_id and sync_query_id, or export_import_id and import_file_id).
     """
-    created_at = validate_key_fields(key.key, key.interval_number, key.interval_count, key.transmission_risk,
-                                     settings, now)
-    report_type = report_type_name(key.report_type, accept_self_report=settings.federation_accept_self_report,
-                                   accept_recursive=settings.federation_accept_recursive)
-    tr = key.transmission_risk or TRANSMISSION_RISK_BY_REPORT_TYPE.get(report_type, 0)
-    dsos = key.days_since_onset
-    if dsos is not None and abs(dsos) > MAX_DAYS_SINCE_ONSET:
-        dsos = None  # as the reference: an out-of-range onset is dropped, the key kept
+    created_at, report_type, tr, dsos = ForeignKeyRules(settings, now).values(
+        key.key, key.transmission_risk, key.interval_number, key.interval_count, key.report_type,
+        key.days_since_onset)
     return Exposure(exposure_key=bytes(key.key), transmission_risk=tr, app_package_name=None,
                     regions=normalize_regions(key.regions), traveler=key.traveler,
                     interval_number=key.interval_number, interval_count=key.interval_count, created_at=created_at,
@@ -107,31 +145,36 @@ class StoreCounts:
         self.skipped += other.skipped
 
 
-def store_foreign_keys(conn: Connection, primary: Sequence[Exposure], revised: Sequence[Exposure], *,
-                       same_source: Callable[[Exposure], bool], revised_at: datetime,
+def stage_exposures(rows: Sequence[Exposure], **provenance) -> exposures_db.StagedRows:
+    """Primary rows as ``store_foreign_keys`` stores them: revoked keys dropped, each key once (the first)."""
+    staged = exposures_db.StagedRows(**provenance)
+    for e in rows:
+        if e.report_type != REPORT_TYPE_NEGATIVE:
+            staged.add_exposure(e)
+    return staged
+
+
+def store_foreign_keys(conn: Connection, primary: Sequence[Exposure] | exposures_db.StagedRows,
+                       revised: Sequence[Exposure], *, same_source: Callable[[Exposure], bool], revised_at: datetime,
                        revised_provenance: dict | None = None) -> StoreCounts:
     """Insert new primary keys and apply revisions to keys of the same source, in the caller's transaction.
 
-    Negative (revoked) primary keys are never stored, as in a publish. Takes the same per-key advisory locks as
-    the publish path, so a key arriving at once from a phone and a partner is stored once. The caller must have
-    made sure the partitions for the rows' created_at exist (exposures_db.PartitionGuard).
+    ``primary`` is rows or already staged rows (``ForeignKeyRules.stage``). Negative (revoked) primary keys are
+    never stored, as in a publish. Takes the keys' bucket locks (see enpipeline/db/exposures.py), so a key
+    arriving at once from a phone and a partner is stored once. The caller must have made sure the partitions
+    for the rows' created_at exist (exposures_db.PartitionGuard).
     """
     counts = StoreCounts()
-    primary = [e for e in primary if e.report_type != REPORT_TYPE_NEGATIVE]
-    by_key: dict[bytes, Exposure] = {}
-    for e in primary:  # a page may repeat a key: the first one wins
-        by_key.setdefault(e.exposure_key, e)
-    counts.skipped += len(primary) - len(by_key)
-    keys = set(by_key) | {e.exposure_key for e in revised}
-    if not keys:
+    staged = primary if isinstance(primary, exposures_db.StagedRows) else stage_exposures(primary)
+    counts.skipped += staged.duplicates
+    revised_keys = sorted({e.exposure_key for e in revised})
+    if not staged.keys and not revised_keys:
         return counts
-    exposures_db.lock_keys(conn, keys)
-    existing = exposures_db.read_for_update(conn, sorted(keys))
-    new = [e for k, e in by_key.items() if k not in existing]
-    counts.skipped += len(by_key) - len(new)
-    counts.inserted = exposures_db.insert_exposures(conn, new)
-    for e in new:
-        existing[e.exposure_key] = e
+    exposures_db.lock_key_buckets(conn, [*staged.keys, *revised_keys])
+    counts.inserted = exposures_db.insert_new_exposures(conn, staged)
+    counts.skipped += len(staged) - counts.inserted
+    # Revisions see the rows stored before and the ones just inserted (a key and its revision in one batch).
+    existing = exposures_db.read_for_update(conn, revised_keys)
     for incoming in revised:
         stored = existing.get(incoming.exposure_key)
         if (stored is None or not same_source(stored) or stored.revised_at is not None

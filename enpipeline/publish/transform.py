@@ -71,37 +71,59 @@ def _validate_key(index: int, key: ExposureKeyInput, settings: Settings, now: da
                                     settings, now)
 
 
+@dataclass(frozen=True)
+class KeyRules:
+    """The per-key publish rules for one ``now``: a federation page or an imported file checks thousands of keys
+    against the same bounds, so they are computed once (``key_rules``) and ``check`` only compares."""
+
+    min_interval: int            # a key must still be valid after this interval
+    current: int                 # the interval of ``now``: no key may start after it
+    created_at: datetime         # ``now`` truncated to the window: created_at of a key that has expired
+    truncate_window: timedelta
+    release_same_day: bool       # ENP_DEBUG_RELEASE_SAME_DAY_KEYS: no embargo for keys still valid
+
+    def check(self, raw: bytes, rolling_start: int, rolling_period: int, transmission_risk: int) -> datetime:
+        """The rules in the reference's order; returns the key's created_at (embargo applied) or raises
+        ValueError."""
+        if len(raw) != KEY_LENGTH:
+            raise ValueError(f"invalid key length, {len(raw)}, must be {KEY_LENGTH}")
+        if not 1 <= rolling_period <= INTERVALS_PER_DAY:
+            raise ValueError(f"invalid interval count, {rolling_period}, must be >= 1 && <= {INTERVALS_PER_DAY}")
+        end = rolling_start + rolling_period
+        # The reference rejects `validUntil <= min` (its message says ">=", which is off by one).
+        if end <= self.min_interval:
+            raise ValueError(
+                f"key expires before minimum window; {rolling_start} + {rolling_period} = {end}"
+                f" which is too old, must be >= {self.min_interval}")
+        if rolling_start > self.current:
+            raise ValueError(f"interval number {rolling_start} is in the future, must be <= {self.current}")
+        created_at = self.created_at
+        if end > self.current and not self.release_same_day:
+            # Still valid: accept, but embargo until the key has expired (plus the truncate window).
+            created_at = truncate(time_of_interval(end) + self.truncate_window, self.truncate_window)
+        if not MIN_TRANSMISSION_RISK <= transmission_risk <= MAX_TRANSMISSION_RISK:
+            raise ValueError(f"invalid transmission risk: {transmission_risk}, must be >= {MIN_TRANSMISSION_RISK}"
+                             f" && <= {MAX_TRANSMISSION_RISK}")
+        return created_at
+
+
+def key_rules(settings: Settings, now: datetime) -> KeyRules:
+    """The per-key rules for keys arriving at ``now``."""
+    return _key_rules(now, settings.max_interval_age_on_publish, settings.truncate_window,
+                      settings.debug_release_same_day_keys)
+
+
 @functools.lru_cache(maxsize=8)
-def _bounds(now: datetime, max_age: timedelta, window: timedelta) -> tuple[int, int, datetime]:
-    """Oldest acceptable key end, current interval and created_at for ``now`` (a federation page or an imported
-    file validates thousands of keys against one ``now``)."""
-    return interval_number(now - max_age), interval_number(now), truncate(now, window)
+def _key_rules(now: datetime, max_age: timedelta, window: timedelta, release_same_day: bool) -> KeyRules:
+    return KeyRules(interval_number(now - max_age), interval_number(now), truncate(now, window), window,
+                    release_same_day)
 
 
 def validate_key_fields(raw: bytes, rolling_start: int, rolling_period: int, transmission_risk: int,
                         settings: Settings, now: datetime) -> datetime:
     """The publish rules for one key's fields, in the reference's order; returns its created_at (embargo
     applied) or raises ValueError. Federation pulls and export imports apply the same rules."""
-    if len(raw) != KEY_LENGTH:
-        raise ValueError(f"invalid key length, {len(raw)}, must be {KEY_LENGTH}")
-    if not 1 <= rolling_period <= INTERVALS_PER_DAY:
-        raise ValueError(f"invalid interval count, {rolling_period}, must be >= 1 && <= {INTERVALS_PER_DAY}")
-    min_interval, current, created_at = _bounds(now, settings.max_interval_age_on_publish, settings.truncate_window)
-    end = rolling_start + rolling_period
-    # The reference rejects `validUntil <= min` (its message says ">=", which is off by one).
-    if end <= min_interval:
-        raise ValueError(
-            f"key expires before minimum window; {rolling_start} + {rolling_period} = {end}"
-            f" which is too old, must be >= {min_interval}")
-    if rolling_start > current:
-        raise ValueError(f"interval number {rolling_start} is in the future, must be <= {current}")
-    if end > current and not settings.debug_release_same_day_keys:
-        # Still valid: accept, but embargo until the key has expired (plus the truncate window).
-        created_at = truncate(time_of_interval(end) + settings.truncate_window, settings.truncate_window)
-    if not MIN_TRANSMISSION_RISK <= transmission_risk <= MAX_TRANSMISSION_RISK:
-        raise ValueError(f"invalid transmission risk: {transmission_risk}, must be >= {MIN_TRANSMISSION_RISK}"
-                         f" && <= {MAX_TRANSMISSION_RISK}")
-    return created_at
+    return key_rules(settings, now).check(raw, rolling_start, rolling_period, transmission_risk)
 
 
 def check_overlaps(exposures: list[Exposure], settings: Settings) -> None:
