@@ -26,7 +26,7 @@ from enpipeline.db import federation_in as db
 from enpipeline.db.federation_in import Cursors, FederationInQuery
 from enpipeline.federation.auth import mint_token
 from enpipeline.federation.credentials import load_credentials
-from enpipeline.federation.foreign import ForeignKey, store_foreign_keys, to_exposure
+from enpipeline.federation.foreign import ForeignKey, ForeignKeyRules, store_foreign_keys, to_exposure
 from enpipeline.model import Exposure
 
 if TYPE_CHECKING:  # grpc and the generated modules load only when a pull runs
@@ -261,13 +261,19 @@ def _pull_locked(settings: Settings, engine: Engine, query_id: str, clock: Calla
 
 @dataclass
 class _Page:
+    """One response, already validated into rows (by the fetching thread, while the store works)."""
+
     number: int
-    response: federation_pb2.FederationFetchResponse
-    cursors: Cursors  # the partner's cursors after this page
+    cursors: Cursors                      # the partner's cursors after this page
+    keys: int                             # primary and revised keys the partner sent
+    primary: exposures_db.StagedRows
+    revised: list[Exposure]
+    rejected: int
+    reasons: list[str]                    # a few distinct rejection reasons
 
 
 _DONE = object()         # the partner has nothing more (or the time limit was reached)
-_PREFETCH_PAGES = 8      # pages fetched ahead of the store
+_PREFETCH_PAGES = 16     # pages fetched (and validated) ahead of the store: a full store batch and more
 
 
 def _pull_pages(settings: Settings, engine: Engine, query: FederationInQuery, report: PullReport,
@@ -284,7 +290,8 @@ def _pull_pages(settings: Settings, engine: Engine, query: FederationInQuery, re
     stop = threading.Event()
     limit_reached = threading.Event()
     fetcher = threading.Thread(target=_fetch_pages, name=f"federation-fetch-{query.query_id}", daemon=True,
-                               args=(settings, query, clock, started, channel_factory, pages, stop, limit_reached))
+                               args=(settings, query, clock, started, channel_factory, provenance, pages, stop,
+                                     limit_reached))
     fetcher.start()
     try:
         pending: Any = None
@@ -296,7 +303,7 @@ def _pull_pages(settings: Settings, engine: Engine, query: FederationInQuery, re
             if isinstance(item, BaseException):
                 raise item
             batch = [item]
-            keys = len(item.response.keys) + len(item.response.revisedKeys)
+            keys = item.keys
             # Take what else is already waiting, up to the batch size; stop at a marker (done or an error),
             # which is handled after this batch is stored.
             while keys < settings.federation_store_batch:
@@ -308,8 +315,8 @@ def _pull_pages(settings: Settings, engine: Engine, query: FederationInQuery, re
                     pending = nxt
                     break
                 batch.append(nxt)
-                keys += len(nxt.response.keys) + len(nxt.response.revisedKeys)
-            _store_batch(settings, engine, guard, query.query_id, report, batch, provenance, clock())
+                keys += nxt.keys
+            _store_batch(engine, guard, query.query_id, report, batch, clock())
     finally:
         stop.set()
         while fetcher.is_alive():  # unblock a fetcher waiting on a full queue
@@ -324,9 +331,12 @@ def _pull_pages(settings: Settings, engine: Engine, query: FederationInQuery, re
 
 
 def _fetch_pages(settings: Settings, query: FederationInQuery, clock: Callable[[], datetime], started: float,
-                 channel_factory: ChannelFactory, pages: queue.Queue[Any], stop: threading.Event,
-                 limit_reached: threading.Event) -> None:
-    """The fetching thread: puts each _Page in order, then _DONE, or the exception that ended it."""
+                 channel_factory: ChannelFactory, provenance: dict[str, Any], pages: queue.Queue[Any],
+                 stop: threading.Event, limit_reached: threading.Event) -> None:
+    """The fetching thread: puts each _Page in order, then _DONE, or the exception that ended it.
+
+    Pages are validated here, while the other thread stores: the store is the slower side of a pull.
+    """
     import grpc
 
     from enpipeline.proto import federation_pb2 as pb
@@ -377,7 +387,7 @@ def _fetch_pages(settings: Settings, query: FederationInQuery, clock: Callable[[
             if response.partialResponse and new_cursors == cursors:
                 raise _PullProblem(f"page {number}: the partner sent a partial response without moving its "
                                    "cursor, so it would be asked for the same page forever")
-            if not put(_Page(number, response, new_cursors)):
+            if not put(_prepare(number, response, new_cursors, settings, clock(), provenance)):
                 return
             cursors = new_cursors
             if not response.partialResponse:
@@ -392,38 +402,66 @@ def _fetch_pages(settings: Settings, query: FederationInQuery, clock: Callable[[
         channel.close()
 
 
+def _prepare(number: int, response: federation_pb2.FederationFetchResponse, cursors: Cursors, settings: Settings,
+             at: datetime, provenance: dict[str, Any]) -> _Page:
+    """Validate a response's keys by the publish rules as of ``at`` (the time it arrived)."""
+    reasons: list[str] = []
+    primary = exposures_db.StagedRows(**provenance)
+    rejected = _stage(response.keys, ForeignKeyRules(settings, at), primary, reasons)
+    revised: list[Exposure] = []
+    if response.revisedKeys:
+        revised, bad = _convert(response.revisedKeys, settings, at, provenance, reasons)
+        rejected += bad
+    return _Page(number, cursors, len(response.keys) + len(response.revisedKeys), primary, revised, rejected,
+                 reasons)
+
+
+def _reject(reasons: list[str], exc: Exception) -> None:
+    reason = str(exc)
+    if reason not in reasons and len(reasons) < MAX_REASONS:
+        reasons.append(reason)
+
+
+def _stage(keys: Iterable[federation_pb2.ExposureKey], rules: ForeignKeyRules, rows: exposures_db.StagedRows,
+           reasons: list[str]) -> int:
+    """Validate primary keys into ``rows``; returns how many failed the publish rules (dropped; a few reasons
+    are kept). The hot loop of a pull: no object per key besides its COPY line."""
+    rejected = 0
+    stage = rules.stage
+    for key in keys:
+        try:
+            # proto3 cannot tell 0 from unset: hasSymptomOnset says whether the partner knew the onset.
+            stage(rows, key.exposureKey, key.transmissionRisk, key.intervalNumber, key.intervalCount, key.reportType,
+                  key.daysSinceOnsetOfSymptoms if key.hasSymptomOnset else None, key.regions, key.traveler)
+        except (ValueError, OverflowError) as exc:  # overflow: interval numbers no real key can have
+            rejected += 1
+            _reject(reasons, exc)
+    return rejected
+
+
 def _convert(keys: Iterable[federation_pb2.ExposureKey], settings: Settings, now: datetime,
-             provenance: dict[str, Any], report: PullReport) -> tuple[list[Exposure], int]:
-    """Validated rows and how many keys failed the publish rules (dropped; a few reasons go to the report)."""
+             provenance: dict[str, Any], reasons: list[str]) -> tuple[list[Exposure], int]:
+    """Validated rows and how many keys failed the publish rules (dropped; a few reasons are kept)."""
     out, rejected = [], 0
     for key in keys:
         try:
             out.append(to_exposure(foreign_key(key), settings=settings, now=now, **provenance))
-        except (ValueError, OverflowError) as exc:  # overflow: interval numbers no real key can have
+        except (ValueError, OverflowError) as exc:
             rejected += 1
-            reason = str(exc)
-            if reason not in report.rejected_reasons and len(report.rejected_reasons) < MAX_REASONS:
-                report.rejected_reasons.append(reason)
-                log.warning("federation query %r: rejected a key: %s", report.query_id, reason)
+            _reject(reasons, exc)
     return out, rejected
 
 
-def _store_batch(settings: Settings, engine: Engine, guard: exposures_db.PartitionGuard, query_id: str,
-                 report: PullReport, batch: list[_Page], provenance: dict[str, Any], at: datetime) -> None:
+def _store_batch(engine: Engine, guard: exposures_db.PartitionGuard, query_id: str, report: PullReport,
+                 batch: list[_Page], at: datetime) -> None:
     """One transaction: the pages' keys, the cursor after the last of them, and the sync counters, or none."""
-    primary: list[Exposure] = []
-    revised: list[Exposure] = []
-    rejected = 0
-    for page in batch:
-        keys, bad = _convert(page.response.keys, settings, at, provenance, report)
-        revised_keys, bad_revised = _convert(page.response.revisedKeys, settings, at, provenance, report)
-        primary += keys
-        revised += revised_keys
-        rejected += bad + bad_revised
+    primary = batch[0].primary if len(batch) == 1 else exposures_db.StagedRows.merged([p.primary for p in batch])
+    revised = [e for page in batch for e in page.revised]
+    rejected = sum(page.rejected for page in batch)
     cursors = batch[-1].cursors
     what = f"page {batch[0].number}" if len(batch) == 1 else f"pages {batch[0].number}-{batch[-1].number}"
     try:
-        guard.ensure(e.created_at for e in primary)
+        guard.ensure(primary.created_ats())
         with engine.begin() as conn:
             counts = store_foreign_keys(conn, primary, revised, same_source=lambda e: e.sync_query_id == query_id,
                                         revised_at=at)
@@ -444,6 +482,11 @@ def _store_batch(settings: Settings, engine: Engine, guard: exposures_db.Partiti
     report.rejected += rejected
     report.max_timestamp = _later(report.max_timestamp, cursors.last_timestamp)
     report.max_revised_timestamp = _later(report.max_revised_timestamp, cursors.last_revised_timestamp)
+    for page in batch:
+        for reason in page.reasons:
+            if reason not in report.rejected_reasons and len(report.rejected_reasons) < MAX_REASONS:
+                report.rejected_reasons.append(reason)
+                log.warning("federation query %r: rejected a key: %s", query_id, reason)
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
