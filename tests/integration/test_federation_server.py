@@ -533,6 +533,106 @@ def test_a_partners_own_keys_are_never_served_back_to_it(stub, fed_engine, partn
     assert served([response]) == [key(1), key(2), key(4), key(5)] and served([response], "revisedKeys") == [key(5)]
 
 
+def test_page_rows_read_back_exactly_what_is_stored(fed_engine):
+    """A page row's values string and timestamp text (see fo.PageRow) parse back to the stored fields."""
+    odd = ["A B", "X,Y", 'Q"Z', "BS\\L", "{BR}", "[1:2]", "NULL", "null", "", " ", "Ä,日", "x}", ","]
+    rows = [
+        exposure(key(1), W1 + timedelta(microseconds=1), regions=odd, report_type="a,b{c}", dsos=-14, tr=0),
+        exposure(key(2), W1 + timedelta(microseconds=999_999), regions=(), report_type="", dsos=None,
+                 traveler=True),
+        exposure(key(3), W2, regions=("US", "US"), report_type="5", dsos=2003, tr=8, revised_report_type="{x},",
+                 revised_at=W3 + timedelta(microseconds=7), revised_days_since_symptom_onset=None),
+        exposure(key(4), W2, regions=("{",), report_type="confirmed", dsos=3, revised_report_type=None,
+                 revised_at=W3, revised_days_since_symptom_onset=-1, revised_transmission_risk=6),
+        exposure(key(5), W3, regions=("US",), report_type="likely", dsos=0, revised_report_type="confirmed",
+                 revised_at=W3 + timedelta(minutes=1), revised_days_since_symptom_onset=1),
+    ]
+    insert(fed_engine, rows)
+    stored = {r.exposure_key: r for r in rows}
+    for zone in ("UTC", "Asia/Kathmandu", "America/St_Johns"):  # the timestamps' offsets differ, not the instants
+        with fed_engine.begin() as conn:
+            conn.execute(sa.text("SELECT set_config('TimeZone', :zone, true)"), {"zone": zone})
+            primary = fo.primary_page(conn, fo.KeyFilter(), after=cursor.START, until=OPEN, limit=10)
+            revised = fo.revised_page(conn, fo.KeyFilter(), after=cursor.START, until=OPEN, limit=10)
+        assert [bytes.fromhex(row[0]) for row in primary] == [key(i) for i in range(1, 6)]
+        for row in primary:
+            e = stored[bytes.fromhex(row[0])]
+            assert fo.key_values(row[2]) == (e.interval_number, e.transmission_risk, e.interval_count, e.report_type,
+                                             e.days_since_symptom_onset, e.traveler, tuple(e.regions)), row
+            assert fo.page_position(row) == cursor.Position(e.created_at, e.exposure_key)
+        assert [bytes.fromhex(row[0]) for row in revised] == [key(4), key(3), key(5)]
+        for row in revised:
+            e = stored[bytes.fromhex(row[0])]
+            assert fo.key_values(row[2]) == (
+                e.interval_number, e.revised_transmission_risk or e.transmission_risk, e.interval_count,
+                e.revised_report_type or "", e.revised_days_since_symptom_onset, e.traveler, tuple(e.regions)), row
+            assert fo.page_position(row) == cursor.Position(e.revised_at, e.exposure_key)
+
+
+def test_spliced_key_bytes_are_what_the_protobuf_library_builds(fed_engine):
+    """The server assembles ExposureKeys from upb-encoded bytes per distinct values string plus the key bytes
+    (server._KeyEncoder); each response must equal, byte for byte, the message built field by field."""
+    from enpipeline.federation import server
+
+    odd = ["A B", "X,Y", 'Q"Z', "BS\\L", "{BR}", "NULL", "", "Ä,日", "US", "CA"]
+    rows = []
+    for i in range(300):
+        at = W1 + timedelta(microseconds=i)
+        revised = i % 3 == 0
+        rows.append(exposure(
+            os.urandom(16), at, regions=tuple(odd[j] for j in range(len(odd)) if (i >> j) % 3 == 0),
+            traveler=i % 5 == 0, report_type=("confirmed", "likely", "negative", "user-report", "", "other")[i % 6],
+            dsos=(None, 0, -14, 14, 3, 2003)[i % 6], tr=i % 9,
+            revised_report_type=("confirmed", None, "likely")[i % 3] if revised else None,
+            revised_at=W3 + timedelta(microseconds=i) if revised else None,
+            revised_days_since_symptom_onset=(None, -3)[i % 2] if revised else None,
+            revised_transmission_risk=(None, 7)[i % 2] if revised else None))
+    insert(fed_engine, rows)
+    stored = {r.exposure_key: r for r in rows}
+    with fed_engine.begin() as conn:
+        primary = fo.primary_page(conn, fo.KeyFilter(), after=cursor.START, until=OPEN, limit=1000)
+        revised = fo.revised_page(conn, fo.KeyFilter(), after=cursor.START, until=OPEN, limit=1000)
+    assert len(primary) == 300 and len(revised) == 100
+
+    def plain(e: Exposure, regions: server.Regions, stream: str) -> pb.ExposureKey:
+        report_type, dsos, tr = e.report_type, e.days_since_symptom_onset, e.transmission_risk
+        if stream == "revised":
+            report_type, dsos = e.revised_report_type or "", e.revised_days_since_symptom_onset
+            tr = e.revised_transmission_risk if e.revised_transmission_risk is not None else tr
+        return pb.ExposureKey(
+            exposureKey=e.exposure_key, transmissionRisk=tr, intervalNumber=e.interval_number,
+            intervalCount=e.interval_count, reportType=server._REPORT_TYPES.get(report_type, pb.ExposureKey.UNKNOWN),
+            daysSinceOnsetOfSymptoms=dsos or 0, hasSymptomOnset=dsos is not None, traveler=e.traveler,
+            regions=regions.served(e.regions))
+
+    for regions in (server.Regions(), server.Regions(include=frozenset({"US", "Ä,日"})),
+                    server.Regions(exclude=frozenset({"CA", "NULL", ""})),
+                    server.Regions(include=frozenset({"X,Y"}), exclude=frozenset({"US"}))):
+        encoder = server._KeyEncoder(regions)
+        for _ in range(2):  # the second round comes from the encoder's cache
+            spliced = encoder.encode(primary, server._KEYS_FIELD) + encoder.encode(revised, server._REVISED_FIELD)
+            built = pb.FederationFetchResponse(
+                keys=[plain(stored[bytes.fromhex(r[0])], regions, "primary") for r in primary],
+                revisedKeys=[plain(stored[bytes.fromhex(r[0])], regions, "revised") for r in revised])
+            assert spliced == built.SerializeToString()
+            assert pb.FederationFetchResponse.FromString(spliced) == built
+
+
+def test_fetch_pages_plan_without_sorts_until_their_transaction_ends(fed_engine):
+    with fed_engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO federation_in_query (query_id, partner, server_addr, audience, credentials, issuer,"
+            " subject, created_at) VALUES ('q1', :p, 'grpc.example:443', 'aud', 'key', 'us', 'us', :now)"),
+            {"p": PARTNER, "now": NOW})
+    with fed_engine.begin() as conn:
+        reads = fo.FetchPages(conn, PARTNER)
+        assert reads.sources == fo.partner_sources(conn, PARTNER) == fo.PartnerSources(("q1",), ())
+        reads.primary_page(fo.KeyFilter(), after=cursor.START, until=OPEN, limit=10)
+        assert conn.execute(sa.text("SELECT current_setting('enable_sort')")).scalar_one() == "off"
+    with fed_engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT current_setting('enable_sort')")).scalar_one() == "on"
+
+
 def test_page_queries_are_index_range_scans_without_a_sort(fed_engine):
     rows = [exposure(os.urandom(16), W1, regions=("US", "CA")[i % 2:i % 2 + 1]) for i in range(20_000)]
     rows += [exposure(os.urandom(16), W2, report_type="likely", revised_report_type="confirmed", revised_at=W3)
