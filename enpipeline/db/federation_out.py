@@ -148,69 +148,20 @@ class KeyValues(NamedTuple):
     regions: tuple[str, ...]  # a NULL element (which no writer stores) is None, as psycopg2 reads it
 
 
-# The values of a PageRow: NULLs are left out by concat_ws, and only the onset may be NULL. Integers, the
-# traveler flag (t/f) and the onset hold no comma; the regions, in text[] form, end at their closing brace;
-# the report type, last, is the rest whatever it holds.
-_VALUES = "concat_ws(',', interval_number, {tr}, interval_count, traveler, {dsos}, regions, {report_type})"
-
-
-def _text_array(text: str, start: int = 0) -> tuple[tuple[str | None, ...], int]:
-    """The one-dimensional text[] written by Postgres' array_out at ``start`` of ``text``, and where it ends.
-
-    Elements are separated by commas; one is quoted when it is empty, is NULL in any case, or holds a brace,
-    comma, quote, backslash or white space, and then its quotes and backslashes are backslash-escaped. A NULL
-    element is an unquoted NULL. An array whose lower bound is not 1 starts with its bounds ("[0:1]=").
-    """
-    i = start
-    if text.startswith("[", i):
-        i = text.index("=", i) + 1
-    if not text.startswith("{", i):
-        raise ValueError(f"no array at {start} in {text!r}")
-    i += 1
-    if text.startswith("}", i):
-        return (), i + 1
-    elements: list[str | None] = []
-    while True:
-        chars: list[str] = []
-        quoted = escaped = False
-        while True:
-            c = text[i]
-            if c == "\\":
-                chars.append(text[i + 1])
-                escaped = True
-                i += 2
-            elif c == '"':
-                quoted = not quoted
-                escaped = True
-                i += 1
-            elif quoted:
-                chars.append(c)
-                i += 1
-            elif c in ",}":
-                break
-            elif c == "{":
-                raise ValueError(f"not a one-dimensional array in {text!r}")
-            else:
-                chars.append(c)
-                i += 1
-        element = "".join(chars)
-        elements.append(None if element == "NULL" and not escaped else element)
-        i += 1
-        if c == "}":
-            return tuple(elements), i
+# The values of a PageRow: six comma-free fields (integers, the traveler flag t/f, the onset or "n" for none,
+# the report type's length in characters), then the report type itself, a comma and the regions in text[] form,
+# which psycopg2's own array parser reads.
+_VALUES = ("concat_ws(',', interval_number, {tr}, interval_count, traveler, coalesce(({dsos})::text, 'n'),"
+           " length({report_type}), {report_type}, regions)")
 
 
 def key_values(values: str) -> KeyValues:
     """The typed fields of a PageRow's values string."""
-    number, risk, count, traveler, rest = values.split(",", 4)
-    onset = None
-    if not rest.startswith(("{", "[")):  # the onset, unless NULL, comes before the regions
-        onset, rest = rest.split(",", 1)
-    regions, end = _text_array(rest)
-    if not rest.startswith(",", end):
-        raise ValueError(f"unexpected values {values!r}")
-    return KeyValues(int(number), int(risk), int(count), rest[end + 1:], None if onset is None else int(onset),
-                     traveler == "t", regions)
+    number, risk, count, traveler, onset, length, rest = values.split(",", 6)
+    cut = int(length)
+    regions = psycopg2.extensions.STRINGARRAY(rest[cut + 1:], None)
+    return KeyValues(int(number), int(risk), int(count), rest[:cut], None if onset == "n" else int(onset),
+                     traveler == "t", tuple(regions))
 
 
 def page_position(row: PageRow) -> Position:
